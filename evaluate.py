@@ -1,0 +1,55 @@
+"""Evaluate trained weights: ``python evaluate.py --cfg-path configs/tiny/eval_image_caption.yaml [--checkpoint PATH]``.
+
+Prints a table per dataset and writes ``report.json`` and ``predictions.jsonl`` to ``run.output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from xllm.common.config import load_config, save_config
+from xllm.common.dist import pick_device
+from xllm.common.logging import setup_logging
+from xllm.common.registry import registry
+from xllm.datasets.build import build_split
+from xllm.datasets.builders.caption import collate
+from xllm.eval.caption_metrics import format_table
+from xllm.models.builder import build_model
+from xllm import zoo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cfg-path", required=True)
+    parser.add_argument("--options", nargs="+", default=[])
+    parser.add_argument("--checkpoint", help="trained weights: a run folder, a checkpoint folder or a safetensors file")
+    args = parser.parse_args()
+    setup_logging()
+    options = args.options + ([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [])
+    cfg = load_config(args.cfg_path, options)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    zoo.ensure(cfg)
+    output_dir = Path(cfg.run.output_dir)
+    save_config(cfg, output_dir)
+    model = build_model(cfg.model).to(pick_device(cfg.run.device)).eval()
+    task = registry.get("task", cfg.run.task)(cfg.run)
+    report = {}
+    with (output_dir / "predictions.jsonl").open("w") as predictions:
+        for name, dataset in build_split(cfg.datasets, cfg.run.eval_split).items():
+            metrics, rows = task.evaluate(model, dataset, collate, cfg.datasets[name].lang)
+            report[name] = metrics
+            for row in rows:
+                predictions.write(json.dumps({"dataset": name, **row}, ensure_ascii=False) + "\n")
+            print(format_table(metrics, f"{name} ({cfg.run.eval_split} split, checkpoint {cfg.model.checkpoint})"))
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"report written to {output_dir / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()

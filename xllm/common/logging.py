@@ -1,0 +1,36 @@
+"""Run logs: a JSON-lines file that scripts read and TensorBoard scalars that people look at."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class MetricLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = Path(output_dir) / "log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+        self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": split, "time": time.time(), **values}) + "\n")
+        for key, value in values.items():
+            self.tensorboard.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()

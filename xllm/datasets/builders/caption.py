@@ -1,0 +1,182 @@
+"""Image-text datasets: COCO-caption style JSON with image files, and webdataset shards.
+
+Both yield ``{"id", "image", "prompt", "answer"}`` samples; the prompt places the image with a media span and
+the answer is the caption. With ``world`` set, the synthetic world is written into ``storage`` first (once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import Dataset, IterableDataset
+
+from xllm.common.paths import cache_dir
+from xllm.common.registry import registry
+from xllm.datasets.world.images import WorldImageSpec, write_world_images
+from xllm.processors.image import ImageProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptionBuilderConfig:
+    storage: str = ""  # the data folder; empty with ``world`` set: a cache folder named by the world's spec
+    world: dict[str, Any] | None = None  # WorldImageSpec fields: generate the synthetic world into ``storage``
+    annotations: str = "annotations/{split}.json"  # relative to storage; ``{split}`` is train/val/test
+    image_root: str = ""  # where the records' image paths start, relative to storage
+    caption_field: str = "caption"  # e.g. "caption_zh" for the world's Chinese captions
+    lang: str = "en"  # the captions' language, for evaluation ("zh" scores characters)
+    prompts: list[str] = field(default_factory=lambda: ["<Image><ImageHere></Image> Describe the image."])
+    image_size: int = 224  # the image encoder's input size
+    on_bad_sample: str = "error"  # "error" stops at a missing field or file; "skip" drops it and logs the count
+    max_samples: int | None = None
+
+
+def prepare_storage(cfg) -> Path:
+    """The dataset folder, with the synthetic world written into it first when the config asks for it."""
+    if cfg.world is None:
+        if not cfg.storage:
+            raise ValueError("dataset needs 'storage' (a data folder) or 'world' (generate the synthetic world)")
+        return Path(cfg.storage).expanduser()
+    try:
+        spec = WorldImageSpec(**dict(cfg.world))
+    except TypeError as error:
+        raise ValueError(f"bad 'world' block {dict(cfg.world)}: {error}") from None
+    digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.storage).expanduser() if cfg.storage else cache_dir() / "world" / f"images-{digest}"
+    write_world_images(spec, root)
+    return root
+
+
+class CaptionDataset(Dataset):
+    """COCO-caption JSON: a list of records with an image path and a caption."""
+
+    def __init__(self, records: list[dict], image_root: Path, processor: ImageProcessor, prompts: list[str],
+                 caption_field: str, training: bool) -> None:
+        self.records, self.image_root, self.processor = records, image_root, processor
+        self.prompts, self.caption_field, self.training = list(prompts), caption_field, training
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        # Training varies the instruction; evaluation always asks the first one, so scores are comparable.
+        prompt = random.choice(self.prompts) if self.training else self.prompts[0]
+        return {"id": str(record.get("image_id", index)), "image": self.processor(self.image_root / record["image"]),
+                "prompt": prompt, "answer": record[self.caption_field]}
+
+
+def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str) -> list[dict]:
+    """Records of a caption JSON; a record lacking a field or an image file is an error naming both."""
+    if not path.is_file():
+        raise FileNotFoundError(f"caption annotation file not found: {path}")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}")
+    kept, skipped = [], 0
+    for index, record in enumerate(records):
+        problem = None
+        missing = [f for f in ("image", caption_field) if not isinstance(record, dict) or f not in record]
+        if missing:
+            problem = f"record {index} in {path} lacks field {missing[0]!r}"
+        elif not (image_root / record["image"]).is_file():
+            problem = f"record {index} in {path}: image file not found: {image_root / record['image']}"
+        if problem is None:
+            kept.append(record)
+        elif on_bad_sample == "skip":
+            skipped += 1
+        else:
+            raise ValueError(problem + " (set on_bad_sample: skip to drop such records)")
+    if skipped:
+        log.warning("skipped %d of %d records of %s (on_bad_sample: skip)", skipped, len(records), path)
+    return kept
+
+
+@registry.register("builder", "coco_caption")
+class CocoCaptionBuilder:
+    Config = CaptionBuilderConfig
+
+    def __init__(self, cfg) -> None:
+        if cfg.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}")
+        self.cfg = cfg
+
+    def build(self, split: str) -> CaptionDataset:
+        cfg = self.cfg
+        root = prepare_storage(cfg)
+        image_root = root / cfg.image_root
+        records = read_caption_records(root / cfg.annotations.format(split=split), cfg.caption_field, image_root,
+                                       cfg.on_bad_sample)
+        if cfg.max_samples is not None:
+            records = records[: cfg.max_samples]
+        return CaptionDataset(records, image_root, ImageProcessor(cfg.image_size), cfg.prompts, cfg.caption_field,
+                              training=split == "train")
+
+
+@dataclass
+class ShardBuilderConfig(CaptionBuilderConfig):
+    shards: str = "shards/{split}-*.tar"  # a glob relative to storage, or brace notation (``{000000..000009}``)
+    image_key: str = "png;jpg;jpeg"
+    caption_key: str = "txt"  # or "json" to read ``caption_field`` from the sample's JSON
+
+
+class ShardDataset(IterableDataset):
+    def __init__(self, urls: list[str], cfg, training: bool) -> None:
+        self.urls, self.cfg, self.training = urls, cfg, training
+        self.processor = ImageProcessor(cfg.image_size)
+
+    def __iter__(self):
+        cfg = self.cfg
+        pipeline = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False).decode("pil")
+        produced = skipped = 0
+        for sample in pipeline:
+            if cfg.max_samples is not None and produced >= cfg.max_samples:
+                break
+            try:
+                image = next(sample[k] for k in cfg.image_key.split(";") if k in sample)
+                answer = sample["txt"] if cfg.caption_key == "txt" else sample["json"][cfg.caption_field]
+            except (StopIteration, KeyError):
+                if cfg.on_bad_sample != "skip":
+                    raise ValueError(f"shard sample {sample.get('__key__')} in {sample.get('__url__')} lacks "
+                                     f"{cfg.image_key!r} or {cfg.caption_key!r}") from None
+                skipped += 1
+                continue
+            prompt = random.choice(cfg.prompts) if self.training else cfg.prompts[0]
+            produced += 1
+            yield {"id": sample["__key__"], "image": self.processor(image), "prompt": prompt, "answer": answer}
+        if skipped:
+            log.warning("skipped %d shard samples lacking an image or caption (on_bad_sample: skip)", skipped)
+
+
+@registry.register("builder", "webdataset_caption")
+class ShardCaptionBuilder(CocoCaptionBuilder):
+    Config = ShardBuilderConfig
+
+    def build(self, split: str) -> ShardDataset:
+        root = prepare_storage(self.cfg)
+        pattern = self.cfg.shards.format(split=split)
+        urls = sorted(str(p) for p in root.glob(pattern)) if "*" in pattern else [str(root / pattern)]
+        if not urls:
+            raise FileNotFoundError(f"no shards match {root / pattern}")
+        return ShardDataset(urls, self.cfg, training=split == "train")
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stacks tensors of the same name, keeps everything else as lists."""
+    batch = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

@@ -1,0 +1,516 @@
+"""Convert BLIP-2 weights (LAVIS ``.pth``, Hugging Face ``Blip2*`` folders, X-LLM runner checkpoints) to xllm names.
+
+Every loader returns ``(state_dict, LoadReport)``. The state dict uses the names of the composite ``XLLM`` module:
+
+- ``encoders.image.model.*``: a ``transformers.Blip2VisionModel`` (its ``post_layernorm`` is LAVIS's ``ln_vision``);
+- ``interfaces.image.query_tokens``, ``interfaces.image.qformer.*`` (a ``Blip2QFormerModel``) and the stage-1 text
+  branch ``interfaces.image.{text.*, lm_head.*, vision_proj.*, text_proj.*, itm_head.*, temp}``;
+- ``adapters.image.*``, ``interfaces.video.query_tokens``, ``adapters.video.*``,
+  ``interfaces.speech.{input_proj,bert}.*``, ``adapters.speech.*``.
+
+Nothing is loaded with ``strict=False``: the report names every consumed, dropped (with the reason), unexpected and
+missing key, and :func:`load_into` raises on any mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+IMAGE_ENCODER = "encoders.image.model."
+IMAGE_INTERFACE = "interfaces.image."
+QFORMER = IMAGE_INTERFACE + "qformer."
+LLM_PREFIX = "llm."
+
+LAVIS_LN_VISION_EPS = 1e-5  # LAVIS's ln_vision is a plain nn.LayerNorm with the default eps
+HF_LAYER_NORM_EPS = 1e-6  # Blip2VisionConfig default; HF shares it between the block norms and post_layernorm
+
+# Stage-1 only parts of the Q-Former (text embeddings, text FFN, LM head, ITC/ITM heads).
+_TEXT_KEY_MARKERS = (IMAGE_INTERFACE + "text.", IMAGE_INTERFACE + "lm_head.", IMAGE_INTERFACE + "vision_proj.",
+                     IMAGE_INTERFACE + "text_proj.", IMAGE_INTERFACE + "itm_head.", IMAGE_INTERFACE + "temp")
+_TEXT_FFN = re.compile(re.escape(QFORMER) + r"encoder\.layer\.\d+\.(intermediate|output)\.")
+
+_WB = r"(weight|bias)"
+
+# (pattern over the whole source key, xllm key template, kind); kind "text" = stage-1 text branch, "xllm" = X-LLM only.
+_LAVIS_RULES: list[tuple[str, str, str]] = [
+    (r"visual_encoder\.cls_token", IMAGE_ENCODER + "embeddings.class_embedding", "core"),
+    (r"visual_encoder\.pos_embed", IMAGE_ENCODER + "embeddings.position_embedding", "core"),
+    (rf"visual_encoder\.patch_embed\.proj\.{_WB}", IMAGE_ENCODER + r"embeddings.patch_embedding.\1", "core"),
+    (rf"visual_encoder\.blocks\.(\d+)\.norm([12])\.{_WB}", IMAGE_ENCODER + r"encoder.layers.\1.layer_norm\2.\3",
+     "core"),
+    (r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight", IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.weight",
+     "core"),
+    (rf"visual_encoder\.blocks\.(\d+)\.attn\.proj\.{_WB}", IMAGE_ENCODER + r"encoder.layers.\1.self_attn.projection.\2",
+     "core"),
+    (rf"visual_encoder\.blocks\.(\d+)\.mlp\.(fc[12])\.{_WB}", IMAGE_ENCODER + r"encoder.layers.\1.mlp.\2.\3", "core"),
+    (rf"ln_vision\.{_WB}", IMAGE_ENCODER + r"post_layernorm.\1", "core"),
+    (r"query_tokens", IMAGE_INTERFACE + "query_tokens", "core"),
+    (rf"Qformer\.bert\.embeddings\.LayerNorm\.{_WB}", QFORMER + r"layernorm.\1", "core"),
+    (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(query|key|value)\.{_WB}",
+     QFORMER + r"encoder.layer.\1.\2.attention.\3.\4", "core"),
+    (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.output\.(dense|LayerNorm)\.{_WB}",
+     QFORMER + r"encoder.layer.\1.\2.output.\3.\4", "core"),
+    (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.intermediate_query\.dense\.{_WB}",
+     QFORMER + r"encoder.layer.\1.intermediate_query.dense.\2", "core"),
+    (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.output_query\.(dense|LayerNorm)\.{_WB}",
+     QFORMER + r"encoder.layer.\1.output_query.\2.\3", "core"),
+    (rf"(opt_proj|t5_proj)\.{_WB}", r"adapters.image.\2", "core"),
+    (r"Qformer\.bert\.embeddings\.(word|position)_embeddings\.weight",
+     IMAGE_INTERFACE + r"text.\1_embeddings.weight", "text"),
+    (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.intermediate\.dense\.{_WB}",
+     QFORMER + r"encoder.layer.\1.intermediate.dense.\2", "text"),
+    (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.output\.(dense|LayerNorm)\.{_WB}",
+     QFORMER + r"encoder.layer.\1.output.\2.\3", "text"),
+    (rf"Qformer\.cls\.predictions\.transform\.(dense|LayerNorm)\.{_WB}",
+     IMAGE_INTERFACE + r"lm_head.transform.\1.\2", "text"),
+    (rf"Qformer\.cls\.predictions\.decoder\.{_WB}", IMAGE_INTERFACE + r"lm_head.decoder.\1", "text"),
+    (rf"(vision_proj|text_proj|itm_head)\.{_WB}", IMAGE_INTERFACE + r"\1.\2", "text"),
+    (r"temp", IMAGE_INTERFACE + "temp", "text"),
+    (r"video_query_tokens", "interfaces.video.query_tokens", "xllm"),
+    (rf"video_proj\.{_WB}", r"adapters.video.\1", "xllm"),
+    (rf"pre_bert_proj\.{_WB}", r"interfaces.speech.input_proj.\1", "xllm"),
+    (r"speech_bert_adaptor\.(.+)", r"interfaces.speech.bert.\1", "xllm"),
+    (rf"(post_bert_proj|speech_feat_proj)\.{_WB}", r"adapters.speech.\2", "xllm"),
+]
+
+_LLM_DROP_REASON = "LLM weights: the LLM is loaded separately"
+_NOT_IN_TARGET = " (converted; no such key in the target)"
+
+_LAVIS_DROPS: list[tuple[str, str]] = [
+    (r"Qformer\.bert\.embeddings\.position_ids", "position_ids buffer: not persistent in transformers"),
+]
+
+_XLLM_DROPS: list[tuple[str, str]] = [
+    (r"speech_bert_adaptor\.embeddings\.(position_ids|token_type_ids)",
+     "BertModel buffer: not persistent in transformers"),
+    (r"opt_model\..*rotary_emb\.inv_freq", "ChatGLM rotary buffer saved by the runner; recomputed by the LLM"),
+    (r"opt_model\..+", _LLM_DROP_REASON),
+]
+_TEXT_DROP_REASON = "stage-1 text branch (text embeddings, text FFN, LM/ITC/ITM heads): the target has none"
+
+_HF_RULES: list[tuple[str, str, str]] = [
+    (r"vision_model\.(embeddings\.(class_embedding|position_embedding|patch_embedding\.(weight|bias)))",
+     IMAGE_ENCODER + r"\1", "core"),
+    (rf"vision_model\.(encoder\.layers\.\d+\.(layer_norm[12]|self_attn\.(qkv|projection)|mlp\.fc[12])\.{_WB})",
+     IMAGE_ENCODER + r"\1", "core"),
+    (rf"vision_model\.(post_layernorm\.{_WB})", IMAGE_ENCODER + r"\1", "core"),
+    (r"query_tokens", IMAGE_INTERFACE + "query_tokens", "core"),
+    (rf"qformer\.(layernorm\.{_WB})", QFORMER + r"\1", "core"),
+    (rf"qformer\.(encoder\.layer\.\d+\.(attention|crossattention)\."
+     rf"(attention\.(query|key|value)|output\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1", "core"),
+    (rf"qformer\.(encoder\.layer\.\d+\.(intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})",
+     QFORMER + r"\1", "core"),
+    (rf"language_projection\.{_WB}", r"adapters.image.\1", "core"),
+    (rf"qformer\.(encoder\.layer\.\d+\.(intermediate\.dense|output\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1",
+     "text"),
+    (r"embeddings\.(word|position)_embeddings\.weight", IMAGE_INTERFACE + r"text.\1_embeddings.weight", "text"),
+    (rf"vision_projection\.{_WB}", IMAGE_INTERFACE + r"vision_proj.\1", "text"),
+    (rf"text_projection\.{_WB}", IMAGE_INTERFACE + r"text_proj.\1", "text"),
+    (rf"itm_head\.{_WB}", IMAGE_INTERFACE + r"itm_head.\1", "text"),
+]
+
+_HF_DROPS: list[tuple[str, str]] = [
+    (r"(qformer\.)?embeddings\.position_ids", "position_ids buffer: not persistent in transformers"),
+    (r"language_model\..+", _LLM_DROP_REASON),
+]
+
+
+@dataclass
+class LoadReport:
+    """What a conversion did with every key of its source.
+
+    ``missing`` is ``None`` when no target keys were given; keys under ``llm.`` are never counted as missing because
+    the LLM is loaded separately. ``ln_vision_eps`` is the eps the source implies for ``post_layernorm``.
+    """
+
+    source: str
+    consumed: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] | None = None
+    ln_vision_eps: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unexpected and not self.missing
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the source and the bad keys if anything is unexpected or missing."""
+        if not self.ok:
+            raise ValueError(f"{self.source}: unexpected keys {self.unexpected}; missing keys {self.missing or []}")
+
+    def __str__(self) -> str:
+        reasons: dict[str, int] = {}
+        for reason in self.dropped.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        lines = [f"{self.source}: {len(self.consumed)} consumed, {len(self.dropped)} dropped, "
+                 f"{len(self.unexpected)} unexpected, "
+                 f"{'no target given' if self.missing is None else f'{len(self.missing)} missing'}"]
+        lines += [f"  dropped {n}: {reason}" for reason, n in reasons.items()]
+        lines += [f"  unexpected: {k}" for k in self.unexpected]
+        lines += [f"  missing: {k}" for k in self.missing or []]
+        if self.ln_vision_eps is not None:
+            lines.append(f"  ln_vision_eps (post_layernorm.eps) implied by the source: {self.ln_vision_eps:g}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+class _Conversion:
+    """Collects converted tensors for one source and keeps the report in step with them."""
+
+    def __init__(self, source: str, sd: Mapping[str, torch.Tensor]):
+        self.source = source
+        self.sd = sd
+        self.out: dict[str, torch.Tensor] = {}
+        self.report = LoadReport(source)
+        self.handled: set[str] = set()
+
+    def put(self, dst: str, tensor: torch.Tensor, *src: str) -> None:
+        if dst in self.out:
+            raise ValueError(f"{self.source}: keys {sorted(src)} and an earlier key both map to {dst}")
+        self.out[dst] = tensor
+        self.report.consumed.extend(src)
+        self.handled.update(src)
+
+    def drop(self, src: str, reason: str) -> None:
+        self.report.dropped[src] = reason
+        self.handled.add(src)
+
+    def apply_rules(self, rules: list[tuple[str, str, str]], drops: list[tuple[str, str]], *, text_branch: bool,
+                    allow_xllm: bool) -> None:
+        for key in sorted(self.sd):
+            if key in self.handled:
+                continue
+            reason = next((r for pattern, r in drops if re.fullmatch(pattern, key)), None)
+            if reason is not None:
+                self.drop(key, reason)
+                continue
+            for pattern, template, kind in rules:
+                match = re.fullmatch(pattern, key)
+                if match is None or (kind == "xllm" and not allow_xllm):
+                    continue
+                if kind == "text" and not text_branch:
+                    self.drop(key, _TEXT_DROP_REASON)
+                else:
+                    self.put(match.expand(template), self.sd[key], key)
+                break
+            else:
+                self.report.unexpected.append(key)
+
+
+def _wants_text_branch(text_branch: bool | None, target_keys: Iterable[str] | None) -> bool:
+    if text_branch is not None:
+        return text_branch
+    if target_keys is None:
+        return True
+    return any(k.startswith(_TEXT_KEY_MARKERS) or _TEXT_FFN.match(k) for k in target_keys)
+
+
+def _merge_qkv_bias(conv: _Conversion, q_pattern: str, v_key: str, dst: str) -> None:
+    """Build ``qkv.bias`` = [q_bias, zeros, v_bias]: EVA has no k bias (softmax cancels one anyway)."""
+    for key in sorted(conv.sd):
+        match = re.fullmatch(q_pattern, key)
+        if match is None:
+            continue
+        partner = match.expand(v_key)
+        if partner not in conv.sd:
+            raise ValueError(f"{conv.source}: {key} has no partner {partner}")
+        q_bias, v_bias = conv.sd[key], conv.sd[partner]
+        conv.put(match.expand(dst), torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]), key, partner)
+    orphans = [k for k in conv.sd if re.fullmatch(q_pattern.replace("q_bias", "v_bias"), k) and k not in conv.handled]
+    if orphans:
+        raise ValueError(f"{conv.source}: v_bias keys without q_bias: {orphans}")
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_extra_tokens: int = 1) -> torch.Tensor:
+    """Resize absolute position embeddings [1, extra + g*g, D] to a ``grid`` x ``grid`` patch grid.
+
+    The extra (cls) tokens are kept; the patch part is resized bicubically (align_corners=False), as LAVIS does when
+    the image size differs from the one the ViT was trained at. Computed in fp32, returned in the input dtype.
+    """
+    extra, patches = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    old = math.isqrt(patches.shape[1])
+    if old * old != patches.shape[1]:
+        raise ValueError(f"position embedding with {patches.shape[1]} patch positions is not a square grid")
+    if old == grid:
+        return pos_embed
+    dim = patches.shape[-1]
+    patches = patches.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([extra, patches], dim=1)
+
+
+def _resize_positions(conv: _Conversion, image_size: int | None) -> None:
+    key = IMAGE_ENCODER + "embeddings.position_embedding"
+    if image_size is None or key not in conv.out:
+        return
+    patch_key = IMAGE_ENCODER + "embeddings.patch_embedding.weight"
+    if patch_key not in conv.out:
+        raise ValueError(f"{conv.source}: cannot resize {key} without the patch size from {patch_key}")
+    grid = image_size // conv.out[patch_key].shape[-1]
+    before = conv.out[key].shape[1]
+    conv.out[key] = interpolate_pos_embed(conv.out[key], grid)
+    if conv.out[key].shape[1] != before:
+        conv.report.notes.append(f"position embedding interpolated from {before} to {conv.out[key].shape[1]} tokens "
+                                 f"for image size {image_size}")
+
+
+def _finish(conv: _Conversion, target_keys: Iterable[str] | None, image_size: int | None
+            ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    _resize_positions(conv, image_size)
+    if target_keys is not None:
+        _compare_with_target(conv.out, conv.report, target_keys)
+    return conv.out, conv.report
+
+
+def _compare_with_target(out: Mapping[str, torch.Tensor], report: LoadReport, target_keys: Iterable[str]) -> None:
+    target = set(target_keys)
+    report.missing = sorted(k for k in target - set(out) if not k.startswith(LLM_PREFIX))
+    report.unexpected += sorted(k + _NOT_IN_TARGET for k in set(out) - target)
+
+
+def _read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A LAVIS runner file is ``{"model": sd, "optimizer": ..., ...}``; released files may also be the bare ``sd``."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
+    sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: entries that are not tensors: {bad}")
+    return sd
+
+
+_BARE_VIT = re.compile(r"(cls_token|pos_embed|patch_embed\..+|blocks\..+)")
+
+
+def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, text_branch: bool | None, image_size: int | None,
+                        target_keys: Iterable[str] | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    path = Path(path)
+    sd = _read_pth(path)
+    # eva_vit_g.pth holds the bare VisionTransformer, i.e. the visual_encoder.* keys without their prefix.
+    sd = {("visual_encoder." + k if _BARE_VIT.fullmatch(k) else k): v for k, v in sd.items()}
+    target_keys = list(target_keys) if target_keys is not None else None
+    keep_text = _wants_text_branch(text_branch, target_keys)
+    conv = _Conversion(str(path), sd)
+    conv.report.ln_vision_eps = LAVIS_LN_VISION_EPS
+    _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias", r"visual_encoder.blocks.\1.attn.v_bias",
+                    IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
+    _tie_lm_head(conv, keep_text)
+    _check_speech_adaptors(conv)
+    drops = _LAVIS_DROPS + (_XLLM_DROPS if allow_xllm else [])
+    conv.apply_rules(_LAVIS_RULES, drops, text_branch=keep_text, allow_xllm=allow_xllm)
+    if keep_text:
+        _fill_tied_decoder(conv)
+    return _finish(conv, target_keys, image_size)
+
+
+def _tie_lm_head(conv: _Conversion, keep_text: bool) -> None:
+    """``cls.predictions.bias`` and ``cls.predictions.decoder.bias`` are one tensor in LAVIS: keep it once."""
+    bias, decoder_bias = "Qformer.cls.predictions.bias", "Qformer.cls.predictions.decoder.bias"
+    if bias not in conv.sd:
+        return
+    if not keep_text:
+        conv.drop(bias, _TEXT_DROP_REASON)
+    elif decoder_bias not in conv.sd:
+        conv.put(IMAGE_INTERFACE + "lm_head.decoder.bias", conv.sd[bias], bias)
+    elif torch.equal(conv.sd[bias], conv.sd[decoder_bias]):
+        conv.drop(bias, f"same tensor as {decoder_bias} (tied in LAVIS)")
+    else:
+        raise ValueError(f"{conv.source}: {bias} and {decoder_bias} should be one tied tensor but differ")
+
+
+def _fill_tied_decoder(conv: _Conversion) -> None:
+    """The LM-head decoder weight is the word-embedding table; give the target both names if the file had one."""
+    words, decoder = IMAGE_INTERFACE + "text.word_embeddings.weight", IMAGE_INTERFACE + "lm_head.decoder.weight"
+    has_head = any(k.startswith(IMAGE_INTERFACE + "lm_head.") for k in conv.out)
+    if has_head and words in conv.out and decoder not in conv.out:
+        conv.out[decoder] = conv.out[words]
+        conv.report.notes.append(f"{decoder} filled from {words} (tied)")
+    elif decoder in conv.out and words in conv.out and not torch.equal(conv.out[decoder], conv.out[words]):
+        conv.report.notes.append(f"{decoder} differs from {words}: the file was not tied")
+
+
+def _check_speech_adaptors(conv: _Conversion) -> None:
+    kinds = {k.split(".")[0] for k in conv.sd if k.startswith(("post_bert_proj.", "speech_feat_proj."))}
+    if len(kinds) > 1:
+        raise ValueError(f"{conv.source}: both speech adaptors present ({sorted(kinds)}); both map to adapters.speech")
+
+
+def load_lavis_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
+                          target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Convert one LAVIS BLIP-2 ``.pth`` file.
+
+    Expected keys, by file:
+
+    - ``eva_vit_g.pth`` (flat dict): ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.{norm1,norm2,
+      attn.qkv.weight,attn.q_bias,attn.v_bias,attn.proj,mlp.fc1,mlp.fc2}.*`` -> ``encoders.image.model.*``
+      (q_bias, zeros, v_bias become ``self_attn.qkv.bias``).
+    - ``blip2_pretrained.pth`` (stage 1, ``{"model": sd}``): ``ln_vision.*`` (-> ``post_layernorm``),
+      ``query_tokens``, ``Qformer.bert.*`` (query path, text FFN, word/position embeddings),
+      ``Qformer.cls.predictions.*`` (-> ``lm_head``, decoder tied to the word embeddings), ``vision_proj``,
+      ``text_proj``, ``itm_head``, ``temp``.
+    - stage-2 files (``blip2_pretrained_opt*.pth``, ``*_flant5*.pth``): ``ln_vision.*``, ``query_tokens``, the query
+      path of ``Qformer.bert.*`` and ``opt_proj.*`` / ``t5_proj.*`` (-> ``adapters.image``).
+    - Any of them may carry ``visual_encoder.*`` (prefixed ViT keys) and ``Qformer.bert.embeddings.position_ids``
+      (dropped: a buffer).
+
+    ``text_branch``: keep the stage-1 text branch; by default it is kept unless ``target_keys`` has none of it.
+    ``image_size``: interpolate ``pos_embed`` to this image size. ``target_keys`` (e.g. ``model.state_dict().keys()``):
+    fills ``report.missing`` and lists converted keys the target lacks as unexpected. The source implies
+    ``ln_vision_eps = 1e-5``.
+    """
+    return _convert_lavis_file(path, allow_xllm=False, text_branch=text_branch, image_size=image_size,
+                               target_keys=target_keys)
+
+
+def load_xllm_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
+                         target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Convert an X-LLM runner checkpoint (``{"model": sd}`` or flat), single-stage or merged.
+
+    Expected keys: the LAVIS stage-2 keys of :func:`load_lavis_checkpoint` (``query_tokens``, ``ln_vision.*``,
+    ``Qformer.bert.*``, ``opt_proj.*`` -> ``adapters.image``), plus ``video_query_tokens`` ->
+    ``interfaces.video.query_tokens``, ``video_proj.*`` -> ``adapters.video``, ``pre_bert_proj.*`` ->
+    ``interfaces.speech.input_proj``, ``speech_bert_adaptor.*`` -> ``interfaces.speech.bert`` (a transformers
+    ``BertModel``; its ``position_ids``/``token_type_ids`` buffers are dropped), ``post_bert_proj.*`` or
+    ``speech_feat_proj.*`` -> ``adapters.speech``. ChatGLM's ``opt_model.*rotary_emb.inv_freq`` buffers and any other
+    ``opt_model.*`` key are dropped (the LLM is loaded separately). Options as in :func:`load_lavis_checkpoint`.
+    """
+    return _convert_lavis_file(path, allow_xllm=True, text_branch=text_branch, image_size=image_size,
+                               target_keys=target_keys)
+
+
+def _hf_weight_files(path: Path) -> tuple[list[Path], list[str]]:
+    """The weight files to read, and the LLM keys a shard index lists (shards holding only those are never opened)."""
+    if path.is_file():
+        return [path], []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = {f for k, f in weight_map.items() if not k.startswith("language_model.")}
+            return [path / f for f in sorted(shards)], [k for k in weight_map if k.startswith("language_model.")]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name], []
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index")
+
+
+def _read_hf_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """All tensors except ``language_model.*``, whose names are returned separately (they are never read)."""
+    sd: dict[str, torch.Tensor] = {}
+    llm_keys: list[str] = []
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if key.startswith("language_model."):
+                        llm_keys.append(key)
+                    else:
+                        sd[key] = f.get_tensor(key)
+        else:
+            for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
+                if key.startswith("language_model."):
+                    llm_keys.append(key)
+                else:
+                    sd[key] = tensor
+    return sd, llm_keys
+
+
+def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not config.is_file():
+        return HF_LAYER_NORM_EPS, f"no config.json next to {path}: assuming the HF default eps {HF_LAYER_NORM_EPS:g}"
+    eps = json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS)
+    return float(eps), None
+
+
+def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
+                  target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Convert a Hugging Face ``Blip2Model``, ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``.
+
+    ``path`` is a ``save_pretrained`` folder (``model.safetensors``, ``pytorch_model.bin`` or a sharded index of either)
+    or one weight file. Expected keys: ``vision_model.*`` -> ``encoders.image.model.*``; ``query_tokens``;
+    ``qformer.*`` -> ``interfaces.image.qformer.*``; ``language_projection.*`` -> ``adapters.image``; for retrieval
+    models ``embeddings.{word,position}_embeddings.weight`` -> ``interfaces.image.text.*``, ``vision_projection`` /
+    ``text_projection`` -> ``interfaces.image.{vision,text}_proj``, ``itm_head``. ``language_model.*`` is dropped
+    (the LLM is loaded separately). Checkpoints from before transformers 4.27 with ``self_attn.q_bias``/``v_bias`` are
+    merged into ``qkv.bias``. ``ln_vision_eps`` comes from ``config.json`` (``vision_config.layer_norm_eps``).
+    Options as in :func:`load_lavis_checkpoint`.
+    """
+    path = Path(path)
+    files, indexed_llm_keys = _hf_weight_files(path)
+    sd, llm_keys = _read_hf_weights(files)
+    llm_keys = sorted(set(llm_keys) | set(indexed_llm_keys))
+    target_keys = list(target_keys) if target_keys is not None else None
+    conv = _Conversion(str(path), sd)
+    conv.report.ln_vision_eps, note = _hf_layer_norm_eps(path)
+    if note:
+        conv.report.notes.append(note)
+    for key in llm_keys:
+        conv.drop(key, _LLM_DROP_REASON)
+    if llm_keys:
+        conv.report.notes.append(f"{len(llm_keys)} language_model.* tensors not read: the LLM is loaded separately")
+    _merge_qkv_bias(conv, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_bias",
+                    r"vision_model.encoder.layers.\1.self_attn.v_bias",
+                    IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
+    conv.apply_rules(_HF_RULES, _HF_DROPS, text_branch=_wants_text_branch(text_branch, target_keys), allow_xllm=False)
+    return _finish(conv, target_keys, image_size)
+
+
+def merge_loaded(*loaded: tuple[dict[str, torch.Tensor], LoadReport], target_keys: Iterable[str] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Merge conversions (e.g. ``eva_vit_g.pth`` + a stage-2 file); a later source wins, as in X-LLM's merge script."""
+    merged: dict[str, torch.Tensor] = {}
+    report = LoadReport(" + ".join(r.source for _, r in loaded))
+    for sd, part in loaded:
+        overridden = sorted(set(sd) & set(merged))
+        if overridden:
+            report.notes.append(f"{part.source} overrides {len(overridden)} keys: {overridden}")
+        merged.update(sd)
+        report.consumed += part.consumed
+        report.dropped.update(part.dropped)
+        report.unexpected += [k for k in part.unexpected if not k.endswith(_NOT_IN_TARGET)]
+        report.notes += part.notes
+        if part.ln_vision_eps is not None:
+            if report.ln_vision_eps not in (None, part.ln_vision_eps):
+                report.notes.append(f"sources disagree on ln_vision_eps; {part.source} implies {part.ln_vision_eps:g}")
+            report.ln_vision_eps = part.ln_vision_eps
+    if target_keys is not None:
+        _compare_with_target(merged, report, target_keys)
+    return merged, report
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "", strict: bool = True,
+              allow_missing: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Load the entries of ``state_dict`` under ``prefix`` (prefix stripped) into ``module``.
+
+    Returns ``(missing, unexpected)``. With ``strict`` any missing or unexpected key raises ``ValueError`` listing them
+    all; module keys starting with one of ``allow_missing`` (e.g. ``"llm."`` for the composite) may be missing. Shape
+    mismatches always raise.
+    """
+    own = module.state_dict()
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    allowed = tuple(allow_missing)
+    missing = sorted(k for k in own if k not in sub and not (allowed and k.startswith(allowed)))
+    unexpected = sorted(k for k in sub if k not in own)
+    shapes = [f"{prefix}{k}: {tuple(v.shape)} vs module {tuple(own[k].shape)}"
+              for k, v in sub.items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise ValueError(f"shape mismatch loading into {type(module).__name__}: {shapes}")
+    if strict and (missing or unexpected):
+        raise ValueError(f"loading into {type(module).__name__} (prefix {prefix!r}): missing keys {missing}; "
+                         f"unexpected keys {unexpected}")
+    module.load_state_dict({k: v for k, v in sub.items() if k in own}, strict=False)
+    return missing, unexpected

@@ -1,0 +1,128 @@
+"""ChatGLM-6B as the frozen LLM of X-LLM (the paper's choice).
+
+Layout of one training row: the prompt ``问：{query}\\n答：`` (after earlier rounds,
+``[Round i]\\n问：…\\n答：…\\n`` for each and then ``[Round n]\\n问：{query}\\n答：``), ``[gMASK] <sop>``, the
+answer and ``<eop>``. Everything up to ``[gMASK]`` is the bidirectional context of GLM's prefix LM; ``<sop>``
+starts the causal part. Labels cover the answer and ``<eop>`` only.
+
+Batches arrive left-padded with a 0/1 padding mask; the prefix-LM mask and 2D positions are built per row
+from the ids and that mask exactly as the original tokenizer pads, so a padded row computes what it would
+compute alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from xllm.common.registry import registry
+from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT, LLMBackend
+from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMOutput, build_prompt
+from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer
+
+log = logging.getLogger(__name__)
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
+
+
+@registry.register("llm", "chatglm")
+class ChatGLMBackend(LLMBackend):
+    def __init__(self, model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer,
+                 max_prompt_length: int | None = None, overflow: str = "refuse") -> None:
+        super().__init__()
+        if overflow not in ("refuse", "truncate"):
+            raise ValueError(f"overflow must be 'refuse' or 'truncate', got {overflow!r}")
+        if max_prompt_length is not None and max_prompt_length < 3:
+            raise ValueError(f"max_prompt_length={max_prompt_length} cannot hold a token plus [gMASK] <sop>")
+        config = model.config
+        mismatches = [f"{name}: config {getattr(config, name)}, tokenizer {getattr(tokenizer, name)}"
+                      for name in SPECIAL_IDS if getattr(config, name) != getattr(tokenizer, name)]
+        if config.vocab_size < tokenizer.vocab_size:
+            mismatches.append(f"vocab_size: config {config.vocab_size} < tokenizer {tokenizer.vocab_size}")
+        if mismatches:
+            raise ValueError(f"ChatGLM model and tokenizer {tokenizer.model_file} disagree: {'; '.join(mismatches)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hidden_size = config.hidden_size
+        self.pad_token_id = tokenizer.pad_token_id
+        self.max_prompt_length = max_prompt_length
+        self.overflow = overflow
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
+                        tokenizer_folder: str | Path | None = None, **kwargs) -> "ChatGLMBackend":
+        """A checkpoint folder in the original layout (its ``ice_text.model`` unless ``tokenizer_folder``)."""
+        model = ChatGLMForConditionalGeneration.from_pretrained(folder, torch_dtype=torch_dtype)
+        tokenizer = ChatGLMTokenizer.from_pretrained(tokenizer_folder or folder)
+        return cls(model, tokenizer, **kwargs)
+
+    @classmethod
+    def from_config(cls, config_dict: dict, tokenizer_folder: str | Path,
+                    torch_dtype: torch.dtype | str | None = None, **kwargs) -> "ChatGLMBackend":
+        """A randomly initialised model of ``config_dict`` (tiny models for tests and the synthetic world)."""
+        config = ChatGLMConfig.from_dict(config_dict)
+        model = ChatGLMForConditionalGeneration.from_config(config, device="cpu", dtype=torch_dtype)
+        return cls(model, ChatGLMTokenizer.from_pretrained(tokenizer_folder), **kwargs)
+
+    # ----------------------------------------------------------------- text layout
+
+    def format_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
+        if not history:
+            return f"问：{query}\n答："
+        return build_prompt(query, history)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.tokenize(text)
+
+    def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
+        ids = self._fit_prompt(list(prompt_ids)) + [self.tokenizer.gmask_token_id, self.tokenizer.bos_token_id]
+        labels = [IGNORE_INDEX] * len(ids)
+        if answer is None:
+            return ids, labels
+        answer_ids = self.tokenize(answer) + [self.tokenizer.eos_token_id]
+        return ids + answer_ids, labels + answer_ids
+
+    def _fit_prompt(self, prompt_ids: list[int]) -> list[int]:
+        if self.max_prompt_length is None:
+            return prompt_ids
+        limit = self.max_prompt_length - 2  # [gMASK] <sop> belong to the prompt
+        if len(prompt_ids) <= limit:
+            return prompt_ids
+        if self.overflow == "refuse":
+            raise ValueError(f"prompt of {len(prompt_ids)} + 2 tokens exceeds max_prompt_length="
+                             f"{self.max_prompt_length} (overflow='truncate' keeps its end instead)")
+        kept = prompt_ids[-limit:]
+        if kept.count(MEDIA_SLOT) != prompt_ids.count(MEDIA_SLOT):
+            raise ValueError(f"truncating a {len(prompt_ids)}-token prompt to {limit} would cut a media span")
+        log.warning("prompt of %d tokens truncated to its last %d (max_prompt_length=%d)",
+                    len(prompt_ids), limit, self.max_prompt_length)
+        return kept
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        return self.tokenizer.decode(ids).strip()
+
+    # ----------------------------------------------------------------- tensors
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> ChatGLMOutput:
+        # A 2D attention_mask makes the model lay out each row as the original tokenizer pads it.
+        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, **generation_kwargs) -> list[list[int]]:
+        eop = self.tokenizer.eos_token_id
+        output = self.model.generate(input_ids, max_new_tokens, inputs_embeds=inputs_embeds,
+                                     attention_mask=attention_mask, eos_token_id=eop, **generation_kwargs)
+        rows = []
+        for row in output[:, input_ids.shape[1]:].tolist():
+            rows.append(row[: row.index(eop)] if eop in row else row)
+        return rows

@@ -1,0 +1,65 @@
+"""The trainable manifest: which modules train in a stage; everything else is frozen and in eval mode."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """A parameter named ``a.b.c`` matches ``a.b`` (its module), ``a.b.c`` or a glob such as ``adapters.*``."""
+    return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def apply_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Sets requires_grad by the manifest and returns the names of the trainable parameters.
+
+    A pattern that matches no parameter is an error: a typo would otherwise freeze what was meant to train.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(matches(name, [pattern]) for name in names):
+            roots = sorted({".".join(n.split(".")[:2]) for n in names})
+            raise ValueError(f"trainable pattern {pattern!r} matches no parameter; modules: {', '.join(roots)}")
+    trainable = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(matches(name, patterns))
+        if param.requires_grad:
+            trainable.append(name)
+    set_train_mode(model, training=True)
+    return trainable
+
+
+def set_train_mode(model: nn.Module, training: bool) -> None:
+    """Train mode for the modules that train; frozen ones stay in eval mode.
+
+    A module trains when none of its parameters is frozen and it either holds a trainable parameter or sits in
+    a training parent (dropout layers hold none). So the Q-Former's dropout runs while the frozen LLM's does not.
+    """
+
+    def visit(module: nn.Module, parent_training: bool) -> None:
+        params = list(module.parameters())
+        frozen = any(not p.requires_grad for p in params)
+        module.training = training and not frozen and (parent_training or any(p.requires_grad for p in params))
+        for child in module.children():
+            visit(child, module.training)
+
+    visit(model, False)
+
+
+def parameter_table(model: nn.Module, depth: int = 2) -> str:
+    """A table of trainable and frozen parameter counts per module, ``depth`` name levels deep."""
+    rows: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        key = ".".join(name.split(".")[:depth])
+        counts = rows.setdefault(key, [0, 0])
+        counts[0 if param.requires_grad else 1] += param.numel()
+    width = max([len(k) for k in rows] + [6])
+    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}", "-" * (width + 28)]
+    for key, (train, frozen) in rows.items():
+        lines.append(f"{key:<{width}}  {train:>12,}  {frozen:>12,}")
+    total_train = sum(v[0] for v in rows.values())
+    total_frozen = sum(v[1] for v in rows.values())
+    lines += ["-" * (width + 28), f"{'total':<{width}}  {total_train:>12,}  {total_frozen:>12,}"]
+    return "\n".join(lines)

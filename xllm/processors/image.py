@@ -1,0 +1,54 @@
+"""Image preprocessing: RGB, bicubic resize to the encoder's size, scale to [0, 1], normalise per channel.
+
+Written with PIL and torch rather than torchvision because torchvision is pinned to a different torch build
+than the CPU one this library supports; the arithmetic is the same as BLIP-2's eval transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from xllm.common.registry import registry
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at ``path`` as RGB; a missing or unreadable file raises an error naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read image file {path}: {error}") from None
+
+
+@registry.register("processor", "image")
+class ImageProcessor:
+    @dataclass
+    class Config:
+        image_size: int = 224
+        mean: list[float] | None = None
+        std: list[float] | None = None
+
+    def __init__(self, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(mean or CLIP_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(std or CLIP_STD).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
+        """A [3, size, size] float tensor from a PIL image or an image file."""
+        if not isinstance(image, Image.Image):
+            image = open_image(image)
+        image = image.convert("RGB")
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (pixels - self.mean) / self.std

@@ -1,0 +1,23 @@
+"""Text preprocessing for captions and questions: whitespace folded, optionally cut to a number of words."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xllm.common.registry import registry
+
+
+@registry.register("processor", "text")
+class TextProcessor:
+    @dataclass
+    class Config:
+        max_words: int | None = None
+
+    def __init__(self, max_words: int | None = None) -> None:
+        self.max_words = max_words
+
+    def __call__(self, text: str) -> str:
+        words = text.split()
+        if self.max_words is not None:
+            words = words[: self.max_words]
+        return " ".join(words)

@@ -1,0 +1,264 @@
+"""The training loop: one stage of any modality, as the run config describes it.
+
+AdamW (no decay on norms and biases), linear warm-up then cosine (or linear, or constant) schedule, gradient
+accumulation that averages over answer tokens exactly, optional autocast, DDP under ``torchrun``, validation
+loss, JSON-lines + TensorBoard logs, and checkpoints that resume to the same step, data order and RNG state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler
+from tqdm import tqdm
+
+from xllm.common import dist
+from xllm.common.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, restore_rng,
+                                    save_checkpoint)
+from xllm.common.logging import MetricLogger
+from xllm.models.trainable import apply_trainable, parameter_table, set_train_mode
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation fixed by (seed, epoch), sharded across ranks, that can start part-way for a resume."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True) -> None:
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        return order[dist.rank():: dist.world_size()]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.start
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors): decaying them only fights the normalisation."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"run.lr_schedule must be cosine, linear or constant, got {schedule!r}")
+
+
+class Runner:
+    def __init__(self, cfg: DictConfig, model, task, train_set: Dataset, val_set: Dataset | None, collate) -> None:
+        self.cfg, self.run = cfg, cfg.run
+        self.task, self.train_set, self.val_set, self.collate = task, train_set, val_set, collate
+        self.output_dir = Path(self.run.output_dir)
+        self.device = dist.pick_device(self.run.device)
+        self.model = model.to(self.device)
+        trainable = apply_trainable(self.model, list(cfg.model.trainable))
+        if not trainable:
+            raise ValueError("model.trainable names no parameter: nothing would train")
+        if dist.is_main():
+            print(parameter_table(self.model))
+        self.wrapped = self._wrap(self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.run.weight_decay), lr=self.run.lr,
+                                           betas=tuple(self.run.betas))
+        self.sampler = None if isinstance(train_set, IterableDataset) else EpochSampler(len(train_set), self.run.seed)
+        self.loader = DataLoader(train_set, batch_size=self.run.batch_size, sampler=self.sampler,
+                                 collate_fn=collate, num_workers=self.run.num_workers, drop_last=True)
+        self.total_steps = self._total_steps()
+        min_ratio = self.run.min_lr / self.run.lr if self.run.lr else 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, self.total_steps, self.run.warmup_steps, self.run.lr_schedule, min_ratio))
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
+
+    def _wrap(self, model):
+        if dist.world_size() == 1:
+            return model
+        if self.run.distributed == "fsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(model, use_orig_params=True)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, find_unused_parameters=False)
+
+    def _total_steps(self) -> int:
+        if self.sampler is None:
+            if self.run.max_steps is None:
+                raise ValueError("run.max_steps is required for streaming (webdataset) training data")
+            return self.run.max_steps
+        per_epoch = len(self.loader) // self.run.grad_accum_steps
+        if per_epoch == 0:
+            raise ValueError(f"{len(self.train_set)} training samples make no optimizer step at batch "
+                             f"{self.run.batch_size} x {self.run.grad_accum_steps} accumulation")
+        total = per_epoch * self.run.max_epochs
+        return min(total, self.run.max_steps) if self.run.max_steps is not None else total
+
+    # ----------------------------------------------------------------- resume
+
+    def resume(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if folder.name == "latest" or folder == self.output_dir:
+            found = latest_checkpoint(self.output_dir)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint to resume from in {self.output_dir / 'checkpoints'}")
+            folder = found
+        load_weights(self.model, folder)
+        state = load_trainer_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        restore_rng(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch, self.batches_done)
+
+    def _save(self) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done}
+        folder = save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}", self.model, state,
+                                 self.run.keep_last)
+        log.info("saved %s", folder)
+        return folder
+
+    # ----------------------------------------------------------------- loop
+
+    def _autocast(self):
+        if self.run.amp is None:
+            return torch.autocast(self.device.type, enabled=False)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if self.run.amp not in dtypes:
+            raise ValueError(f"run.amp must be bf16, fp16 or null, got {self.run.amp!r}")
+        return torch.autocast(self.device.type, dtype=dtypes[self.run.amp])
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def train(self) -> Path | None:
+        """Runs to ``total_steps``; returns the last checkpoint folder."""
+        run = self.run
+        scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main(), desc="train",
+                        dynamic_ncols=True)
+        last_checkpoint = None
+        window_weight, window_logs, micro = 0.0, {}, 0
+        set_train_mode(self.model, training=True)
+        while self.step < self.total_steps:
+            if self.sampler is not None:
+                self.sampler.set_position(self.epoch, self.batches_done * run.batch_size)
+            for batch in self.loader:
+                self.batches_done += 1
+                with self._autocast():
+                    out = self.task.train_step(self.wrapped, self._to_device(batch))
+                scaler.scale(out.loss * out.weight).backward()
+                window_weight += out.weight
+                for key, value in out.logs.items():
+                    window_logs[key] = window_logs.get(key, 0.0) + value * out.weight
+                micro += 1
+                if micro % run.grad_accum_steps:
+                    continue
+                self._optimizer_step(scaler, window_weight)
+                self.step += 1
+                progress.update(1)
+                if self.step % run.log_interval == 0 or self.step == self.total_steps:
+                    values = {k: v / max(window_weight, 1) for k, v in window_logs.items()}
+                    values["lr"] = self.scheduler.get_last_lr()[0]
+                    progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
+                    self.logger.log(self.step, "train", values)
+                window_weight, window_logs = 0.0, {}
+                if run.val_interval and self.step % run.val_interval == 0:
+                    self.validate()
+                if run.save_interval and self.step % run.save_interval == 0 and dist.is_main():
+                    last_checkpoint = self._save()
+                if self.step >= self.total_steps:
+                    break
+            else:
+                self.epoch, self.batches_done = self.epoch + 1, 0
+                if not run.val_interval:
+                    self.validate()
+                if not run.save_interval and dist.is_main():
+                    last_checkpoint = self._save()
+                continue
+            break
+        progress.close()
+        if dist.is_main() and (last_checkpoint is None or last_checkpoint.name != f"step_{self.step}"):
+            last_checkpoint = self._save()
+        self.logger.close()
+        return last_checkpoint
+
+    def _optimizer_step(self, scaler, window_weight: float) -> None:
+        # Each micro-batch added (mean loss x its token count): dividing by the window's total count gives
+        # the mean over every answer token the optimizer step saw, on every rank (DDP averages over ranks).
+        total = dist.all_reduce_sum(window_weight) / dist.world_size()
+        scaler.unscale_(self.optimizer)
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.div_(max(total, 1.0))
+        if self.run.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.run.grad_clip)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.val_set is None:
+            return None
+        set_train_mode(self.model, training=False)
+        loader = DataLoader(self.val_set, batch_size=self.run.eval_batch_size, collate_fn=self.collate,
+                            num_workers=self.run.num_workers)
+        total_loss = total_weight = 0.0
+        # Validation must not consume the training RNG, or a resumed run would diverge from an unbroken one.
+        state = torch.get_rng_state(), random.getstate()
+        for index, batch in enumerate(loader):
+            if self.run.val_max_batches is not None and index >= self.run.val_max_batches:
+                break
+            with self._autocast():
+                out = self.task.train_step(self.model, self._to_device(batch))
+            total_loss += out.loss.item() * out.weight
+            total_weight += out.weight
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        set_train_mode(self.model, training=True)
+        loss = total_loss / max(total_weight, 1)
+        self.logger.log(self.step, "val", {"loss": loss})
+        log.info("step %d validation loss %.4f", self.step, loss)
+        return loss
+
+
+def concat(datasets: list[Dataset]) -> Dataset:
+    if len(datasets) == 1:
+        return datasets[0]
+    if any(isinstance(d, IterableDataset) for d in datasets):
+        from torch.utils.data import ChainDataset
+
+        return ChainDataset(datasets)
+    return ConcatDataset(datasets)

@@ -1,0 +1,226 @@
+"""The tiny tier: a small LLM and a small ViT, pre-trained on the synthetic world and then frozen.
+
+Both are ordinary ``save_pretrained`` folders under ``<cache>/zoo/tiny/``, loaded by the same code that loads
+real checkpoints. Building is deterministic (fixed seeds, single process) and cached: a folder is rebuilt only
+when its recipe changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import Blip2VisionConfig, Blip2VisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from xllm.common.paths import cache_dir
+from xllm.datasets.world.render import render
+from xllm.datasets.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
+from xllm.processors.image import ImageProcessor
+from xllm.zoo.corpus import conversations
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
+    "{% else %}<|assistant|>{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyLLMRecipe:
+    seed: int = 0
+    vocab_size: int = 1024
+    hidden_size: int = 192
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 512
+    steps: int = 800
+    batch_size: int = 32
+    lr: float = 2e-3
+    tokenizer_documents: int = 20000
+
+
+@dataclass(frozen=True)
+class TinyEncoderRecipe:
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+def zoo_dir() -> Path:
+    return cache_dir() / "zoo" / "tiny"
+
+
+def _is_built(folder: Path, recipe) -> bool:
+    marker = folder / "recipe.json"
+    return marker.is_file() and json.loads(marker.read_text()) == asdict(recipe)
+
+
+def _mark_built(folder: Path, recipe) -> None:
+    (folder / "recipe.json").write_text(json.dumps(asdict(recipe)))
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# --------------------------------------------------------------------------- LLM
+
+
+def render_chat(turns: list[tuple[str, str]]) -> str:
+    return "".join(f"<|user|>{q}\n<|assistant|>{a}<|end|>\n" for q, a in turns)
+
+
+def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
+    rng = random.Random(f"tokenizer/{recipe.seed}")
+    texts = [render_chat(conversations(rng)) for _ in range(recipe.tokenizer_documents)]
+    # Byte-level BPE: any text (Chinese included) encodes; nothing maps to an unknown token.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=recipe.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|end|>",
+                                   bos_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE)
+
+
+def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
+    torch.manual_seed(recipe.seed)
+    tokenizer = train_tokenizer(recipe)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        num_key_value_heads=recipe.num_heads, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    rng = random.Random(f"llm/{recipe.seed}")
+    model.train()
+    start = time.time()
+    for step in range(recipe.steps):
+        texts = [render_chat(conversations(rng)) for _ in range(recipe.batch_size)]
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, recipe.steps, recipe.lr)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log.info("tiny LLM step %d/%d loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(), time.time() - start)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _mark_built(folder, recipe)
+
+
+# --------------------------------------------------------------------------- image encoder
+
+
+class GridProbe(nn.Module):
+    """Reads each grid cell's shape (colour, kind, size, or empty) from the ViT's tokens.
+
+    One learned attention query per cell pools the tokens, so the ViT must keep where each shape is as well as
+    what it is: what a captioner needs from a frozen encoder. The probe is discarded after pre-training.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        cells = len(POSITIONS)
+        self.pool = nn.Linear(width, cells)
+        self.colour = nn.Linear(width, len(COLOURS) + 1)
+        self.kind = nn.Linear(width, len(KINDS) + 1)
+        self.size = nn.Linear(width, len(SIZES) + 1)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = self.pool(tokens).softmax(dim=1)  # [N, S, cells]
+        cells = torch.einsum("nsc,nsd->ncd", weights, tokens)
+        return self.colour(cells), self.kind(cells), self.size(cells)
+
+
+def grid_labels(scene) -> torch.Tensor:
+    """[cells, 3] class ids (colour, kind, size); 0 means the cell is empty."""
+    labels = torch.zeros(len(POSITIONS), 3, dtype=torch.long)
+    for shape in scene.shapes:
+        cell = POSITIONS.index(shape.position)
+        labels[cell] = torch.tensor([COLOURS.index(shape.colour) + 1, KINDS.index(shape.kind) + 1,
+                                     SIZES.index(shape.size) + 1])
+    return labels
+
+
+def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRecipe()) -> None:
+    torch.manual_seed(recipe.seed)
+    config = Blip2VisionConfig(
+        image_size=recipe.image_size, patch_size=recipe.patch_size, hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
+        intermediate_size=recipe.intermediate_size, initializer_range=0.02)
+    model = Blip2VisionModel(config)
+    probe = GridProbe(recipe.hidden_size)
+    processor = ImageProcessor(recipe.image_size)
+    params = list(model.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05)
+    rng = random.Random(f"encoder/{recipe.seed}")
+    model.train()
+    start = time.time()
+    for step in range(recipe.steps):
+        scenes = [sample_scene(rng) for _ in range(recipe.batch_size)]
+        pixels = torch.stack([processor(render(s, recipe.image_size, rng)) for s in scenes])
+        labels = torch.stack([grid_labels(s) for s in scenes])
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, recipe.steps, recipe.lr)
+        logits = probe(model(pixel_values=pixels).last_hidden_state)
+        loss = sum(F.cross_entropy(l.flatten(0, 1), labels[..., i].flatten()) for i, l in enumerate(logits))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == recipe.steps - 1:
+            accuracy = (logits[1].argmax(-1) == labels[..., 1]).float().mean().item()
+            log.info("tiny image encoder step %d/%d loss %.3f cell-kind acc %.3f (%.0fs)",
+                     step + 1, recipe.steps, loss.item(), accuracy, time.time() - start)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(folder)
+    _mark_built(folder, recipe)
+
+
+def build(force: bool = False) -> Path:
+    """Builds what is missing (or everything with ``force``) and returns the tier's folder."""
+    root = zoo_dir()
+    for name, recipe, builder in (("llm", TinyLLMRecipe(), build_llm),
+                                  ("image_encoder", TinyEncoderRecipe(), build_image_encoder)):
+        folder = root / name
+        if force or not _is_built(folder, recipe):
+            log.info("building zoo:tiny/%s in %s", name, folder)
+            builder(folder, recipe)
+    return root
+
+
+def is_built() -> bool:
+    root = zoo_dir()
+    return _is_built(root / "llm", TinyLLMRecipe()) and _is_built(root / "image_encoder", TinyEncoderRecipe())
