@@ -16,7 +16,6 @@ from xllm.common.dist import pick_device
 from xllm.common.logging import setup_logging
 from xllm.common.registry import registry
 from xllm.datasets.build import build_split
-from xllm.datasets.builders.caption import collate
 from xllm.eval.caption_metrics import format_table
 from xllm.models.builder import build_model
 from xllm import zoo
@@ -42,7 +41,7 @@ def main() -> None:
     report = {}
     with (output_dir / "predictions.jsonl").open("w") as predictions:
         for name, dataset in build_split(cfg.datasets, cfg.run.eval_split).items():
-            metrics, rows = task.evaluate(model, dataset, collate, cfg.datasets[name].lang)
+            metrics, rows = task.evaluate(model, dataset, cfg.datasets[name].lang)
             report[name] = metrics
             for row in rows:
                 predictions.write(json.dumps({"dataset": name, **row}, ensure_ascii=False) + "\n")

@@ -12,7 +12,6 @@ from xllm.common.config import load_config, save_config
 from xllm.common.logging import setup_logging
 from xllm.common.registry import registry
 from xllm.datasets.build import build_split
-from xllm.datasets.builders.caption import collate
 from xllm.models.builder import build_model
 from xllm.runners.runner import Runner, concat
 from xllm import zoo
@@ -45,7 +44,7 @@ def main() -> None:
     task = registry.get("task", cfg.run.task)(cfg.run)
     train_set = concat(list(build_split(cfg.datasets, "train").values()))
     val_sets = build_split(cfg.datasets, "val")
-    runner = Runner(cfg, model, task, train_set, concat(list(val_sets.values())), collate)
+    runner = Runner(cfg, model, task, train_set, concat(list(val_sets.values())))
     if cfg.run.resume:
         runner.resume(cfg.run.resume)
     checkpoint = runner.train()

@@ -21,6 +21,7 @@ from xllm.common import dist
 from xllm.common.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, restore_rng,
                                     save_checkpoint)
 from xllm.common.logging import MetricLogger
+from xllm.datasets.collate import collate
 from xllm.models.trainable import apply_trainable, parameter_table, set_train_mode
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 
 class Runner:
-    def __init__(self, cfg: DictConfig, model, task, train_set: Dataset, val_set: Dataset | None, collate) -> None:
+    def __init__(self, cfg: DictConfig, model, task, train_set: Dataset, val_set: Dataset | None) -> None:
         self.cfg, self.run = cfg, cfg.run
-        self.task, self.train_set, self.val_set, self.collate = task, train_set, val_set, collate
+        self.task, self.train_set, self.val_set = task, train_set, val_set
         self.output_dir = Path(self.run.output_dir)
         self.device = dist.pick_device(self.run.device)
         self.model = model.to(self.device)
@@ -233,7 +234,7 @@ class Runner:
         if self.val_set is None:
             return None
         set_train_mode(self.model, training=False)
-        loader = DataLoader(self.val_set, batch_size=self.run.eval_batch_size, collate_fn=self.collate,
+        loader = DataLoader(self.val_set, batch_size=self.run.eval_batch_size, collate_fn=collate,
                             num_workers=self.run.num_workers)
         total_loss = total_weight = 0.0
         # Validation must not consume the training RNG, or a resumed run would diverge from an unbroken one.

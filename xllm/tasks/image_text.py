@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xllm.common.registry import registry
+from xllm.datasets.collate import collate
 from xllm.eval.caption_metrics import caption_report
 
 
@@ -36,7 +37,7 @@ class ImageTextTask:
         return StepOutput(out.loss, out.num_answer_tokens, {"loss": out.loss.item()})
 
     @torch.no_grad()
-    def evaluate(self, model, dataset: Dataset, collate, lang: str) -> tuple[dict, list[dict]]:
+    def evaluate(self, model, dataset: Dataset, lang: str) -> tuple[dict, list[dict]]:
         """Captions every sample with greedy decoding; returns the metrics and the per-sample predictions."""
         loader = DataLoader(dataset, batch_size=self.cfg.eval_batch_size, collate_fn=collate,
                             num_workers=self.cfg.num_workers)

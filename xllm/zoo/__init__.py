@@ -26,15 +26,17 @@ def zoo_references(cfg) -> set[str]:
 
 
 def ensure(cfg) -> None:
-    """Builds the zoo models a config refers to when they are missing (the first run of the main job)."""
-    tiers = {ref[len(ZOO_PREFIX):].split("/")[0] for ref in zoo_references(cfg)}
-    unknown = tiers - {"tiny"}
-    if unknown:
-        raise ValueError(f"unknown zoo tier(s) {sorted(unknown)}; the zoo builds: tiny")
-    if "tiny" in tiers:
-        from xllm.zoo import tiny
+    """Builds the zoo components a config refers to when they are missing (the first run of the main job)."""
+    references = sorted(ref[len(ZOO_PREFIX):] for ref in zoo_references(cfg))
+    tiers = {ref.split("/")[0] for ref in references}
+    if tiers - {"tiny"}:
+        raise ValueError(f"unknown zoo tier(s) {sorted(tiers - {'tiny'})}; the zoo builds: tiny")
+    if not references:
+        return
+    from xllm.zoo import tiny
 
-        if not tiny.is_built():
-            print("building the tiny tier's pre-trained LLM and image encoder (once; cached in "
-                  f"{tiny.zoo_dir()})")
-            tiny.build()
+    names = sorted({ref.split("/")[1] for ref in references})
+    todo = tiny.missing(names)
+    if todo:
+        print(f"building zoo:tiny components {', '.join(todo)} (once; cached in {tiny.zoo_dir()})")
+        tiny.build(todo)

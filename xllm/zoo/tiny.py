@@ -209,11 +209,20 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
     _mark_built(folder, recipe)
 
 
-def build(force: bool = False) -> Path:
-    """Builds what is missing (or everything with ``force``) and returns the tier's folder."""
+COMPONENTS = {
+    # name -> (recipe, builder): every folder ``zoo:tiny/<name>`` a config may name.
+    "llm": (TinyLLMRecipe(), build_llm),
+    "image_encoder": (TinyEncoderRecipe(), build_image_encoder),
+}
+
+
+def build(names: list[str] | None = None, force: bool = False) -> Path:
+    """Builds the named components (all by default) that are missing or stale; returns the tier's folder."""
     root = zoo_dir()
-    for name, recipe, builder in (("llm", TinyLLMRecipe(), build_llm),
-                                  ("image_encoder", TinyEncoderRecipe(), build_image_encoder)):
+    for name in names or list(COMPONENTS):
+        if name not in COMPONENTS:
+            raise KeyError(f"zoo:tiny has no component {name!r}; known: {', '.join(COMPONENTS)}")
+        recipe, builder = COMPONENTS[name]
         folder = root / name
         if force or not _is_built(folder, recipe):
             log.info("building zoo:tiny/%s in %s", name, folder)
@@ -221,6 +230,6 @@ def build(force: bool = False) -> Path:
     return root
 
 
-def is_built() -> bool:
-    root = zoo_dir()
-    return _is_built(root / "llm", TinyLLMRecipe()) and _is_built(root / "image_encoder", TinyEncoderRecipe())
+def missing(names: list[str]) -> list[str]:
+    """The named components whose folders are absent or were built by another recipe."""
+    return [n for n in names if n not in COMPONENTS or not _is_built(zoo_dir() / n, COMPONENTS[n][0])]

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
 
@@ -172,11 +171,3 @@ class ShardCaptionBuilder(CocoCaptionBuilder):
             raise FileNotFoundError(f"no shards match {root / pattern}")
         return ShardDataset(urls, self.cfg, training=split == "train")
 
-
-def collate(samples: list[dict]) -> dict:
-    """Stacks tensors of the same name, keeps everything else as lists."""
-    batch = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return batch
