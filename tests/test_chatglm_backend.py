@@ -26,7 +26,7 @@ def tiny_config(assets) -> dict:
 @pytest.fixture(scope="module")
 def backend(assets):
     torch.manual_seed(0)
-    return ChatGLMBackend.from_config(tiny_config(assets), assets).eval()
+    return ChatGLMBackend.from_random(tiny_config(assets), assets).eval()
 
 
 def left_pad_batch(backend, rows, media):
@@ -93,7 +93,7 @@ def test_prompt_overflow(backend, caplog):
 def test_model_and_tokenizer_must_agree(backend, assets):
     config = {**tiny_config(assets), "gmask_token_id": 901, "vocab_size": 1000}
     with pytest.raises(ValueError, match="gmask_token_id: config 901, tokenizer 130001.*vocab_size"):
-        ChatGLMBackend.from_config(config, assets)
+        ChatGLMBackend.from_random(config, assets)
 
 
 def test_left_padded_rows_compute_what_they_compute_alone(backend, media_prompts):
@@ -140,7 +140,7 @@ def test_left_padded_generation_equals_each_row_alone(backend, media_prompts):
 
 def test_generation_stops_at_eop(assets):
     torch.manual_seed(0)
-    backend = ChatGLMBackend.from_config(tiny_config(assets), assets).eval()
+    backend = ChatGLMBackend.from_random(tiny_config(assets), assets).eval()
     with torch.no_grad():  # every position now predicts <eop>
         final = backend.model.transformer.final_layernorm
         final.weight.zero_()
@@ -153,7 +153,7 @@ def test_generation_stops_at_eop(assets):
 
 def test_frozen_model_passes_gradients_to_inputs_embeds(assets, media_prompts):
     prompts, answers, media, _ = media_prompts
-    backend = ChatGLMBackend.from_config(tiny_config(assets), assets)
+    backend = ChatGLMBackend.from_random(tiny_config(assets), assets)
     rows = [backend.build_sequence(prompt, answer) for prompt, answer in zip(prompts, answers)]
     for parameter in backend.parameters():
         parameter.requires_grad_(False)

@@ -7,13 +7,17 @@ tensors and plain containers, so it loads with ``weights_only=True``: no pickle 
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
@@ -34,11 +38,13 @@ def weights_path(path: str | Path) -> Path:
     return path / WEIGHTS if path.is_dir() else path
 
 
-def load_weights(model: nn.Module, path: str | Path) -> list[str]:
+def load_weights(model: nn.Module, path: str | Path, optional: Callable[[str], bool] | None = None) -> list[str]:
     """Loads a (partial) checkpoint into ``model``; every key in the file must exist there with the same shape.
 
     Returns the loaded names. A checkpoint holds only what trained, so model keys absent from it are expected;
-    keys in the file that the model lacks are not, and are reported rather than ignored.
+    keys in the file that the model lacks are not, and are reported rather than ignored, except those
+    ``optional(key)`` accepts: parts an earlier stage trained that this model does not build (the Q-Former's
+    stage-1 text branch), which are skipped and counted in the log.
     """
     file = weights_path(path)
     if not file.is_file():
@@ -46,6 +52,11 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     state = load_file(str(file))
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    skipped = sorted(k for k in state if k not in own and optional is not None and optional(k))
+    if skipped:
+        log.info("%s: skipped %d tensors this model does not build (e.g. %s)", file, len(skipped), skipped[0])
+        for key in skipped:
+            del state[key]
     unexpected = sorted(k for k in state if k not in own)
     mismatched = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                         for k, v in state.items() if k in own and own[k].shape != v.shape)

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class LLMConfig:
-    backend: str = "hf_causal"
+    backend: str = "hf_causal"  # a registered LLM backend, or "none": no LLM (stage 1 trains without one)
     path: str = ""  # a folder, "zoo:<tier>/<name>", or a hub name when the hub is reachable
     dtype: str = "float32"
     gguf_file: str | None = None  # GGUF weights inside ``path`` (the mini tier's LLM ships that way)
@@ -46,6 +46,7 @@ class ModalityConfig:
     encoder: dict[str, Any] = field(default_factory=dict)  # {"name": <registered encoder>, ...its Config}
     interface: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})
+    shares: str | None = None  # another modality whose encoder and interface modules this one's build reuses
 
 
 @dataclass
@@ -55,7 +56,12 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)  # module names or globs; everything else is frozen
-    checkpoint: str | None = None  # trained interfaces/adapters (a safetensors file or a run's checkpoint folder)
+    # Original checkpoints converted at build time, before ``checkpoint``: LAVIS/X-LLM ``.pth`` files, Hugging
+    # Face ``Blip2*`` folders (``xllm.models.pretrained``); later ones win.
+    pretrained: list[str] = field(default_factory=list)
+    # Trained interfaces/adapters: a safetensors file or a run's checkpoint folder, or a list of them loaded in
+    # order (later ones win), e.g. the stage-2 run of each modality. ``Any``: OmegaConf has no ``str | list``.
+    checkpoint: Any = None
 
 
 @dataclass
@@ -193,6 +199,8 @@ def resolve_model(model: Any) -> DictConfig:
     arch, model_type = model.get("arch", "xllm"), model.get("model_type", "tiny")
     merged = OmegaConf.merge(model_defaults(arch, model_type), model)
     checked = typed(ModelConfig, merged, "model")
+    if checked.checkpoint is not None and not all(isinstance(c, str) and c for c in as_list(checked.checkpoint)):
+        raise ConfigError(f"config key 'model.checkpoint' must be a path or a list of paths, got {checked.checkpoint}")
     for name, modality in checked.modalities.items():
         for part in ("encoder", "interface", "adapter"):
             checked.modalities[name][part] = component(part, modality[part], f"model.modalities.{name}.{part}")
@@ -204,9 +212,15 @@ def resolve_datasets(datasets: Any) -> DictConfig:
     for name, entry in (datasets or {}).items():
         if not isinstance(entry, (dict, DictConfig)) or "builder" not in entry:
             raise ConfigError(f"config key 'datasets.{name}' needs a 'builder' naming a registered dataset builder")
-        renamed = {("name" if k == "builder" else k): v for k, v in entry.items()}
+        # ``ratio`` is every dataset's, not its builder's: the share of a mixture's samples drawn from it.
+        renamed = {("name" if k == "builder" else k): v for k, v in entry.items() if k != "ratio"}
         block = component("builder", renamed, f"datasets.{name}")
         checked[name] = {("builder" if k == "name" else k): v for k, v in OmegaConf.to_container(block).items()}
+        if "ratio" in entry:
+            ratio = entry["ratio"]
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+                raise ConfigError(f"config key 'datasets.{name}.ratio' must be a positive number, got {ratio!r}")
+            checked[name]["ratio"] = float(ratio)
     return OmegaConf.create(checked)
 
 
@@ -230,8 +244,6 @@ def load_with_base(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
 
 def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:
     """The run's whole configuration, with ``--options key=value`` overrides applied, checked."""
-    import xllm.registration  # noqa: F401  (fills the registry the component schemas live in)
-
     raw = load_with_base(Path(cfg_path))
     if options:
         try:

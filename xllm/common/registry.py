@@ -8,6 +8,7 @@ typo in a YAML file never becomes a silent default.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
@@ -16,8 +17,11 @@ KINDS = ("model", "encoder", "interface", "adapter", "llm", "processor", "builde
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, plugins: str | None = None) -> None:
         self._entries: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}
+        # The module that imports every registering module, loaded by name on the first lookup: lookups then
+        # see every component without ``common`` importing the layers above it.
+        self._plugins = plugins
 
     def register(self, kind: str, name: str) -> Callable[[T], T]:
         """Decorator: ``@registry.register("llm", "hf_causal")``."""
@@ -32,13 +36,20 @@ class Registry:
         return wrap
 
     def get(self, kind: str, name: str) -> object:
+        self._load_plugins()
         table = self._table(kind)
         if name not in table:
             raise KeyError(unknown_name_message(kind, name, table))
         return table[name]
 
     def names(self, kind: str) -> list[str]:
+        self._load_plugins()
         return sorted(self._table(kind))
+
+    def _load_plugins(self) -> None:
+        if self._plugins is not None:
+            plugins, self._plugins = self._plugins, None
+            importlib.import_module(plugins)
 
     def _table(self, kind: str) -> dict[str, object]:
         if kind not in self._entries:
@@ -55,4 +66,4 @@ def unknown_name_message(kind: str, name: str, known) -> str:
     return message
 
 
-registry = Registry()
+registry = Registry(plugins="xllm.registration")

@@ -17,7 +17,6 @@ def load_model(name: str = "xllm", model_type: str = "tiny", is_eval: bool = Tru
     ``overrides`` replace model config keys (``load_model(..., llm={"dtype": "bfloat16"})``).
     """
     from xllm.common.config import resolve_model
-    import xllm.registration  # noqa: F401
 
     spec = {"arch": name, "model_type": model_type, **overrides}
     if checkpoint is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ class Modality(nn.Module):
 
 
 class XLLM(nn.Module):
-    def __init__(self, llm: LLMBackend, modalities: dict[str, Modality]) -> None:
+    def __init__(self, llm: LLMBackend | None, modalities: dict[str, Modality]) -> None:
         super().__init__()
         self.llm = llm
         # Three flat dicts so that state-dict keys read ``interfaces.image.*``, ``adapters.image.*``: the
@@ -150,8 +151,15 @@ class XLLM(nn.Module):
 
     # ----------------------------------------------------------------- training and generation
 
-    def forward(self, samples: dict):
-        """LLM loss on the answers; ``samples`` holds ``prompt``, ``answer``, optional ``history`` and media."""
+    def forward(self, samples: dict, objective: Callable[["XLLM", dict], Any] | None = None):
+        """LLM loss on the answers; ``samples`` holds ``prompt``, ``answer``, optional ``history`` and media.
+
+        ``objective(model, samples)``, when given, is computed instead: a stage whose loss is not the LLM's (Q-Former
+        pre-training) still runs inside the model's forward, where DDP's gradient synchronisation hooks in.
+        """
+        if objective is not None:
+            return objective(self, samples)
+        self._require_llm()
         media = self.encode_media(samples)
         batch = self.assemble(samples, media, with_answers=True)
         out = self.llm(batch.input_ids, self.embed(batch, media), batch.attention_mask, batch.labels)
@@ -159,8 +167,14 @@ class XLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, samples: dict, max_new_tokens: int = 40, **generation_kwargs) -> list[str]:
+        self._require_llm()
         media = self.encode_media(samples)
         batch = self.assemble(samples, media, with_answers=False)
         rows = self.llm.generate(batch.input_ids, self.embed(batch, media), batch.attention_mask,
                                  max_new_tokens, **generation_kwargs)
         return [self.llm.decode(ids) for ids in rows]
+
+    def _require_llm(self) -> None:
+        if self.llm is None:
+            raise ValueError("this model was built without an LLM (model.llm.backend: none); it serves objectives "
+                             "that never read one, such as Q-Former pre-training")

@@ -22,6 +22,7 @@ from xllm.common.checkpoint import (latest_checkpoint, load_trainer_state, load_
                                     save_checkpoint)
 from xllm.common.logging import MetricLogger
 from xllm.datasets.collate import collate
+from xllm.datasets.mixture import MixtureDataset
 from xllm.models.trainable import apply_trainable, parameter_table, set_train_mode
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 class Runner:
     def __init__(self, cfg: DictConfig, model, task, train_set: Dataset, val_set: Dataset | None) -> None:
         self.cfg, self.run = cfg, cfg.run
-        self.task, self.train_set, self.val_set = task, train_set, val_set
+        self.task, self.val_set = task, val_set
+        self.train_set = train_set = mixture(train_set, cfg.get("datasets"), self.run.seed)
         self.output_dir = Path(self.run.output_dir)
         self.device = dist.pick_device(self.run.device)
         self.model = model.to(self.device)
@@ -179,7 +181,11 @@ class Runner:
                 scaler.scale(out.loss * out.weight).backward()
                 window_weight += out.weight
                 for key, value in out.logs.items():
-                    window_logs[key] = window_logs.get(key, 0.0) + value * out.weight
+                    # A logged value is weighted by the micro-batch's units, or by its own (value, weight) pair
+                    # when it covers only part of the batch (one task's loss in a mixture).
+                    value, weight = value if isinstance(value, tuple) else (value, out.weight)
+                    total, weights = window_logs.get(key, (0.0, 0.0))
+                    window_logs[key] = (total + value * weight, weights + weight)
                 micro += 1
                 if micro % run.grad_accum_steps:
                     continue
@@ -187,7 +193,7 @@ class Runner:
                 self.step += 1
                 progress.update(1)
                 if self.step % run.log_interval == 0 or self.step == self.total_steps:
-                    values = {k: v / max(window_weight, 1) for k, v in window_logs.items()}
+                    values = {k: total / weights for k, (total, weights) in window_logs.items() if weights > 0}
                     values["lr"] = self.scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
                     self.logger.log(self.step, "train", values)
@@ -253,6 +259,23 @@ class Runner:
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)
         return loss
+
+
+def mixture(train_set: Dataset, datasets_cfg: DictConfig | None, seed: int) -> Dataset:
+    """The training set as a ratio mixture when the config gives ``datasets.<name>.ratio``, else unchanged.
+
+    ``train_set`` is ``concat`` of the configured datasets in config order, so its parts pair with the names.
+    """
+    ratios = {name: entry.get("ratio") for name, entry in (datasets_cfg or {}).items()}
+    if all(r is None for r in ratios.values()):
+        return train_set
+    unset = [name for name, r in ratios.items() if r is None]
+    if unset:
+        raise ValueError(f"datasets {unset} have no 'ratio' while others do: a mixture needs one per dataset")
+    parts = train_set.datasets if isinstance(train_set, ConcatDataset) else [train_set]
+    if len(parts) != len(ratios) or any(isinstance(p, IterableDataset) for p in parts):
+        raise ValueError("a ratio mixture needs one map-style (indexable) training set per configured dataset")
+    return MixtureDataset(dict(zip(ratios, parts)), ratios, seed)
 
 
 def concat(datasets: list[Dataset]) -> Dataset:

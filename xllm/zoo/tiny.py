@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,14 @@ from xllm.datasets.world.render import render
 from xllm.datasets.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
 from xllm.processors.image import ImageProcessor
 from xllm.zoo.corpus import conversations
+from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
+from xllm.zoo.llm_all import build_llm_all
+from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
+from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm
 
 log = logging.getLogger(__name__)
 
+Documents = Callable[[random.Random], list[tuple[str, str]]]
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
@@ -91,9 +97,9 @@ def render_chat(turns: list[tuple[str, str]]) -> str:
     return "".join(f"<|user|>{q}\n<|assistant|>{a}<|end|>\n" for q, a in turns)
 
 
-def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
+def train_tokenizer(recipe: TinyLLMRecipe, documents: Documents = conversations) -> PreTrainedTokenizerFast:
     rng = random.Random(f"tokenizer/{recipe.seed}")
-    texts = [render_chat(conversations(rng)) for _ in range(recipe.tokenizer_documents)]
+    texts = [render_chat(documents(rng)) for _ in range(recipe.tokenizer_documents)]
     # Byte-level BPE: any text (Chinese included) encodes; nothing maps to an unknown token.
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -105,9 +111,10 @@ def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
                                    bos_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE)
 
 
-def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
+def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe(), documents: Documents = conversations) -> None:
+    """``documents`` draws one conversation: another corpus gives an LLM that knows more of the world's text."""
     torch.manual_seed(recipe.seed)
-    tokenizer = train_tokenizer(recipe)
+    tokenizer = train_tokenizer(recipe, documents)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
@@ -120,7 +127,7 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
     model.train()
     start = time.time()
     for step in range(recipe.steps):
-        texts = [render_chat(conversations(rng)) for _ in range(recipe.batch_size)]
+        texts = [render_chat(documents(rng)) for _ in range(recipe.batch_size)]
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         for group in optimizer.param_groups:
@@ -213,6 +220,10 @@ COMPONENTS = {
     # name -> (recipe, builder): every folder ``zoo:tiny/<name>`` a config may name.
     "llm": (TinyLLMRecipe(), build_llm),
     "image_encoder": (TinyEncoderRecipe(), build_image_encoder),
+    "text_tokenizer": (TinyTextTokenizerRecipe(), build_text_tokenizer),
+    "speech_encoder": (TinySpeechEncoderRecipe(), build_speech_encoder),
+    "llm_all": (TinyLLMRecipe(steps=1000), build_llm_all),
+    "chatglm_llm": (TinyChatGLMRecipe(), build_chatglm_llm),
 }
 
 

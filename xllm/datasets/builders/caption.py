@@ -12,7 +12,7 @@ import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
@@ -39,19 +39,23 @@ class CaptionBuilderConfig:
     max_samples: int | None = None
 
 
-def prepare_storage(cfg) -> Path:
-    """The dataset folder, with the synthetic world written into it first when the config asks for it."""
+def prepare_storage(cfg, spec_class: type = WorldImageSpec, write: Callable = write_world_images,
+                    kind: str = "images") -> Path:
+    """The dataset folder, with the synthetic world written into it first when the config asks for it.
+
+    ``spec_class`` and ``write`` say which part of the world (images by default, or e.g. videos) and ``kind``
+    names its cache folder."""
     if cfg.world is None:
         if not cfg.storage:
             raise ValueError("dataset needs 'storage' (a data folder) or 'world' (generate the synthetic world)")
         return Path(cfg.storage).expanduser()
     try:
-        spec = WorldImageSpec(**dict(cfg.world))
+        spec = spec_class(**dict(cfg.world))
     except TypeError as error:
         raise ValueError(f"bad 'world' block {dict(cfg.world)}: {error}") from None
     digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.storage).expanduser() if cfg.storage else cache_dir() / "world" / f"images-{digest}"
-    write_world_images(spec, root)
+    root = Path(cfg.storage).expanduser() if cfg.storage else cache_dir() / "world" / f"{kind}-{digest}"
+    write(spec, root)
     return root
 
 
@@ -74,8 +78,11 @@ class CaptionDataset(Dataset):
                 "prompt": prompt, "answer": record[self.caption_field]}
 
 
-def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str) -> list[dict]:
-    """Records of a caption JSON; a record lacking a field or an image file is an error naming both."""
+def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
+                         media_field: str = "image") -> list[dict]:
+    """Records of a caption JSON; a record lacking a field or a media file is an error naming both.
+
+    ``media_field`` names the field holding the media file's path (``video`` for video captions)."""
     if not path.is_file():
         raise FileNotFoundError(f"caption annotation file not found: {path}")
     try:
@@ -87,11 +94,11 @@ def read_caption_records(path: Path, caption_field: str, image_root: Path, on_ba
     kept, skipped = [], 0
     for index, record in enumerate(records):
         problem = None
-        missing = [f for f in ("image", caption_field) if not isinstance(record, dict) or f not in record]
+        missing = [f for f in (media_field, caption_field) if not isinstance(record, dict) or f not in record]
         if missing:
             problem = f"record {index} in {path} lacks field {missing[0]!r}"
-        elif not (image_root / record["image"]).is_file():
-            problem = f"record {index} in {path}: image file not found: {image_root / record['image']}"
+        elif not (image_root / record[media_field]).is_file():
+            problem = f"record {index} in {path}: {media_field} file not found: {image_root / record[media_field]}"
         if problem is None:
             kept.append(record)
         elif on_bad_sample == "skip":

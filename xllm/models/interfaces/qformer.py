@@ -35,14 +35,18 @@ class QFormerInterface(nn.Module):
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, config.hidden_size) * config.initializer_range)
         self.output_dim = config.hidden_size
 
-    @classmethod
-    def build(cls, cfg, input_dim: int) -> "QFormerInterface":
-        config = Blip2QFormerConfig(
+    @staticmethod
+    def qformer_config(cfg, input_dim: int, **extra) -> Blip2QFormerConfig:
+        """The transformer's config from the interface options; ``extra`` adds fields (e.g. the text branch's)."""
+        return Blip2QFormerConfig(
             hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
             num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
             cross_attention_frequency=cfg.cross_attention_frequency, encoder_hidden_size=input_dim,
-            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
-        return cls(config, cfg.num_query_tokens)
+            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, **extra)
+
+    @classmethod
+    def build(cls, cfg, input_dim: int) -> "QFormerInterface":
+        return cls(cls.qformer_config(cfg, input_dim), cfg.num_query_tokens)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Query outputs [N, Q, H] and their mask (all true: every query is always present)."""

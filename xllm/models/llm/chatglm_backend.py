@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from xllm.common.config import LLMConfig
+from xllm.common.paths import ZOO_PREFIX, resolve_path
 from xllm.common.registry import registry
 from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT, LLMBackend
 from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMOutput, build_prompt
-from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer
+from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, clean_response
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,26 @@ class ChatGLMBackend(LLMBackend):
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
-    def from_config(cls, config_dict: dict, tokenizer_folder: str | Path,
+    def from_config(cls, cfg: LLMConfig) -> "ChatGLMBackend":
+        """The backend a config's ``model.llm`` section names (``xllm.common.config.LLMConfig``): ``path`` is a
+        folder (or ``zoo:<tier>/<name>``) holding ``config.json``, the weights and ``ice_text.model``."""
+        if cfg.gguf_file:
+            raise ValueError(f"llm.gguf_file={cfg.gguf_file!r}: the chatglm backend reads the original checkpoint "
+                             "layout (safetensors or pytorch_model*.bin), not GGUF")
+        folder = resolve_path(cfg.path)
+        if not folder.is_dir():
+            hint = " (build the zoo: python -m xllm.zoo build tiny)" if cfg.path.startswith(ZOO_PREFIX) else ""
+            raise FileNotFoundError(f"llm.path {cfg.path!r}: ChatGLM checkpoint folder {folder} is missing{hint}")
+        backend = cls.from_pretrained(folder, torch_dtype=cfg.dtype, max_prompt_length=cfg.max_prompt_length,
+                                      overflow=cfg.overflow)
+        if cfg.gradient_checkpointing:
+            backend.model.gradient_checkpointing_enable()
+        return backend
+
+    @classmethod
+    def from_random(cls, config_dict: dict, tokenizer_folder: str | Path,
                     torch_dtype: torch.dtype | str | None = None, **kwargs) -> "ChatGLMBackend":
-        """A randomly initialised model of ``config_dict`` (tiny models for tests and the synthetic world)."""
+        """A randomly initialised model of ``config_dict`` (micro models for tests)."""
         config = ChatGLMConfig.from_dict(config_dict)
         model = ChatGLMForConditionalGeneration.from_config(config, device="cpu", dtype=torch_dtype)
         return cls(model, ChatGLMTokenizer.from_pretrained(tokenizer_folder), **kwargs)
@@ -103,7 +122,9 @@ class ChatGLMBackend(LLMBackend):
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer.eos_token_id in ids:
             ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-        return self.tokenizer.decode(ids).strip()
+        # ChatGLM's own post-processing: the NFKC normaliser turned full-width punctuation into ASCII, which
+        # comes back full-width next to Chinese, as the references are written.
+        return clean_response(self.tokenizer.decode(ids))
 
     # ----------------------------------------------------------------- tensors
 
@@ -118,7 +139,9 @@ class ChatGLMBackend(LLMBackend):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, **generation_kwargs) -> list[list[int]]:
+                 max_new_tokens: int, num_beams: int = 1, **generation_kwargs) -> list[list[int]]:
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: the chatglm backend decodes greedily or by sampling only")
         eop = self.tokenizer.eos_token_id
         output = self.model.generate(input_ids, max_new_tokens, inputs_embeds=inputs_embeds,
                                      attention_mask=attention_mask, eos_token_id=eop, **generation_kwargs)

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from xllm.common.config import ConfigError, load_config, resolve_model
+from xllm.common.registry import Registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_registry_unknown_name_lists_known_and_closest():
+    registry = Registry()
+    registry.register("llm", "hf_causal")(object)
+    registry.register("llm", "chatglm")(object)
+    with pytest.raises(KeyError) as error:
+        registry.get("llm", "hf_casual")
+    message = error.value.args[0]
+    assert "known: chatglm, hf_causal" in message and "did you mean 'hf_causal'" in message
+
+
+def test_registry_refuses_a_second_class_under_one_name():
+    registry = Registry()
+    registry.register("task", "t")(int)
+    with pytest.raises(KeyError, match="already registered"):
+        registry.register("task", "t")(float)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_full_path_and_suggestion(tmp_path):
+    path = write(tmp_path, "run:\n  batch_sise: 4\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'run\.batch_sise'; did you mean 'batch_size'"):
+        load_config(path)
+
+
+def test_unknown_component_option_is_named(tmp_path):
+    path = write(tmp_path, "model:\n  modalities:\n    image:\n      interface:\n        name: qformer\n"
+                           "        num_query_token: 8\n")
+    with pytest.raises(ConfigError, match=r"model\.modalities\.image\.interface\.num_query_token'; did you mean 'num_query_tokens'"):
+        load_config(path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = write(tmp_path, "run:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=r"bad value for config key 'run\.batch_size'"):
+        load_config(path)
+
+
+def test_unknown_builder_is_named(tmp_path):
+    path = write(tmp_path, "datasets:\n  d:\n    builder: coco_captions\n")
+    with pytest.raises(ConfigError, match=r"datasets\.d\.name.*did you mean 'coco_caption'"):
+        load_config(path)
+
+
+def test_model_defaults_options_and_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  batch_size: 3\n  lr: 0.5\n")
+    path = write(tmp_path, "base: base.yaml\nrun:\n  lr: 0.25\n")
+    cfg = load_config(path, ["run.max_steps=7"])
+    assert (cfg.run.batch_size, cfg.run.lr, cfg.run.max_steps) == (3, 0.25, 7)
+    # model defaults come from configs/models/xllm/tiny.yaml
+    assert cfg.model.modalities.image.interface.num_query_tokens == 32
+    assert cfg.model.llm.path == "zoo:tiny/llm"
+
+
+def test_unknown_model_type_lists_known_ones():
+    with pytest.raises(ConfigError, match="known model types: .*tiny"):
+        resolve_model(OmegaConf.create({"arch": "xllm", "model_type": "tinny"}))
+
+
+def test_shipped_run_configs_validate():
+    for name in ("stage2_image.yaml", "eval_image_caption.yaml", "tiny/stage2_image.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.datasets.world_caption.builder == "coco_caption"

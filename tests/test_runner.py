@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from xllm.common.config import load_config
+from xllm.datasets.build import build_split
+from xllm.models.builder import build_model
+from xllm.runners.runner import Runner, lr_factor
+from xllm.tasks.image_text import ImageTextTask
+
+
+def make_cfg(tmp_path, micro_model_cfg, micro_world, **run):
+    config = {"model": micro_model_cfg,
+              "datasets": {"world": {"builder": "coco_caption", **micro_world}},
+              "run": {"output_dir": str(tmp_path / "run"), "log_interval": 1, "lr": 1e-2, "warmup_steps": 1,
+                      "batch_size": 4, "seed": 3, **run}}
+    path = tmp_path / "cfg.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path)
+
+
+def make_runner(cfg) -> Runner:
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    return Runner(cfg, model, ImageTextTask(cfg.run), build_split(cfg.datasets, "train")["world"],
+                  build_split(cfg.datasets, "val")["world"])
+
+
+def trained(runner: Runner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in runner.model.named_parameters() if p.requires_grad}
+
+
+def with_sgd(runner: Runner) -> Runner:
+    """Plain SGD at lr 1: the update is the gradient itself, so its scale is checked too (Adam hides it)."""
+    runner.optimizer = torch.optim.SGD([p for p in runner.model.parameters() if p.requires_grad], lr=1.0)
+    runner.scheduler = torch.optim.lr_scheduler.LambdaLR(runner.optimizer, lambda step: 1.0)
+    return runner
+
+
+def test_accumulation_equals_one_large_batch(tmp_path, micro_model_cfg, micro_world):
+    big = with_sgd(make_runner(make_cfg(tmp_path / "a", micro_model_cfg, micro_world, max_steps=2, batch_size=4,
+                                        grad_clip=None)))
+    big.train()
+    small = with_sgd(make_runner(make_cfg(tmp_path / "b", micro_model_cfg, micro_world, max_steps=2, batch_size=2,
+                                          grad_accum_steps=2, grad_clip=None)))
+    small.train()
+    for name, value in trained(big).items():
+        assert torch.allclose(value, trained(small)[name], atol=1e-6), name
+
+
+def test_resume_continues_exactly(tmp_path, micro_model_cfg, micro_world):
+    cfg = make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=4, save_interval=2, keep_last=3,
+                   val_interval=2, val_max_batches=1)
+    unbroken = make_runner(cfg)
+    last = unbroken.train()
+    assert last.name == "step_4"
+    resumed = make_runner(cfg)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "step_2")
+    assert resumed.step == 2
+    resumed.train()
+    for name, value in trained(unbroken).items():
+        assert torch.allclose(value, trained(resumed)[name], atol=1e-6), name
+    # a checkpoint holds the trainable parameters only
+    keys = set(load_file(str(last / "model.safetensors")))
+    assert keys == set(trained(unbroken)) and not any(k.startswith("llm.") for k in keys)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"train", "val"} <= {row["split"] for row in logs}
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(11)]
+    assert factors[:2] == [0.5, 1.0] and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert lr_factor(5, 10, 0, "constant", 0.0) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(5, 10, 0, "cosin", 0.0)
+
+
+def test_weight_decay_spares_biases_and_norms(tmp_path, micro_model_cfg, micro_world):
+    runner = make_runner(make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=1))
+    decay, no_decay = runner.optimizer.param_groups
+    names = {id(p): n for n, p in runner.model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert any(names[id(p)].endswith("layernorm.weight") for p in no_decay["params"])

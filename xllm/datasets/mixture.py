@@ -1,0 +1,38 @@
+"""A multi-task mixture: samples drawn from several datasets in configured ratios, each tagged with its task.
+
+An epoch holds as many samples as the parts together; part ``i`` contributes ``ratio_i / sum(ratios)`` of
+them, cycling through a seeded permutation of its own samples (so a small part repeats and a large one is
+subsampled). The plan depends only on the seed, so a run and its resume see the same samples. The task name
+(the dataset's name in the config) travels in each sample's ``task`` field for per-task losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+
+class MixtureDataset(Dataset):
+    def __init__(self, parts: dict[str, Dataset], ratios: dict[str, float], seed: int, size: int | None = None) -> None:
+        if set(parts) != set(ratios):
+            raise ValueError(f"mixture parts {sorted(parts)} and ratios {sorted(ratios)} name different datasets")
+        empty = [name for name, part in parts.items() if len(part) == 0]
+        if empty:
+            raise ValueError(f"mixture dataset(s) {empty} hold no samples")
+        self.parts = parts
+        size = size if size is not None else sum(len(p) for p in parts.values())
+        total = sum(ratios.values())
+        counts = {name: round(size * ratios[name] / total) for name in parts}
+        self.plan: list[tuple[str, int]] = []
+        for offset, (name, part) in enumerate(parts.items()):
+            generator = torch.Generator().manual_seed(seed * 1000 + offset)
+            order = torch.randperm(len(part), generator=generator).tolist()
+            self.plan += [(name, order[i % len(order)]) for i in range(counts[name])]
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> dict:
+        name, inner = self.plan[index]
+        return {**self.parts[name][inner], "task": name}

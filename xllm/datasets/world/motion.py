@@ -1,0 +1,121 @@
+"""Motion clips of the synthetic world: one shape crosses the 3x3 grid in a direction, maybe past a still one.
+
+Pure Python and deterministic given a ``random.Random``; ``videos.py`` renders and encodes the frames. The
+caption names what moves and where to ("the red circle moves to the right."), in a fixed grammar that
+``parse_motion`` reads back, so an evaluation can score the direction of a generated caption.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass
+
+from xllm.datasets.world.scenes import COLOUR_ZH, COLOURS, KIND_ZH, KINDS, POSITIONS, SIZES, Shape
+
+DIRECTIONS = ("left", "right", "up", "down")
+STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (column, row) per cell moved
+DIRECTION_EN = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+DIRECTION_ZH = {"left": "向左", "right": "向右", "up": "向上", "down": "向下"}
+
+
+@dataclass(frozen=True)
+class Motion:
+    mover: Shape  # ``mover.position`` is where it starts
+    direction: str
+    cells: int  # how far it travels
+    still: tuple[Shape, ...]  # shapes that stay put; never the mover's colour and kind
+
+    @property
+    def end(self) -> str:
+        return shift(self.mover.position, self.direction, self.cells)
+
+    def to_dict(self) -> dict:
+        return {"mover": asdict(self.mover), "direction": self.direction, "cells": self.cells,
+                "still": [asdict(s) for s in self.still]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Motion":
+        return cls(Shape(**data["mover"]), data["direction"], data["cells"], tuple(Shape(**s) for s in data["still"]))
+
+
+def shift(position: str, direction: str, cells: int) -> str:
+    index = POSITIONS.index(position)
+    column, row = index % 3 + STEP[direction][0] * cells, index // 3 + STEP[direction][1] * cells
+    if not (0 <= column < 3 and 0 <= row < 3):
+        raise ValueError(f"moving {cells} cell(s) {direction} from {position!r} leaves the grid")
+    return POSITIONS[row * 3 + column]
+
+
+def sample_motion(rng: random.Random, max_still: int = 1) -> Motion:
+    direction = rng.choice(DIRECTIONS)
+    cells = rng.choice((1, 2))
+    starts = [p for p in POSITIONS if _fits(p, direction, cells)]
+    mover = Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), rng.choice(starts))
+    path = {shift(mover.position, direction, c) for c in range(cells + 1)}
+    free = [p for p in POSITIONS if p not in path]
+    still = []
+    for position in sorted(rng.sample(free, rng.randint(0, max_still)), key=POSITIONS.index):
+        kind, colour = rng.choice(KINDS), rng.choice(COLOURS)
+        while (kind, colour) == (mover.kind, mover.colour):  # the caption's "the red circle" must be unique
+            kind, colour = rng.choice(KINDS), rng.choice(COLOURS)
+        still.append(Shape(kind, colour, rng.choice(SIZES), position))
+    return Motion(mover, direction, cells, tuple(still))
+
+
+def _fits(position: str, direction: str, cells: int) -> bool:
+    try:
+        shift(position, direction, cells)
+    except ValueError:
+        return False
+    return True
+
+
+def motion_caption_en(motion: Motion) -> str:
+    return f"the {motion.mover.colour} {motion.mover.kind} moves {DIRECTION_EN[motion.direction]}."
+
+
+def motion_caption_zh(motion: Motion) -> str:
+    return f"{COLOUR_ZH[motion.mover.colour]}{KIND_ZH[motion.mover.kind]}{DIRECTION_ZH[motion.direction]}移动。"
+
+
+_MOTION_EN = re.compile(
+    f"(?P<colour>{'|'.join(COLOURS)}) (?P<kind>{'|'.join(KINDS)}) moves "
+    f"(?P<direction>{'|'.join(sorted(DIRECTION_EN.values(), key=len, reverse=True))})")
+_MOTION_ZH = re.compile(
+    f"(?P<colour>{'|'.join(COLOUR_ZH.values())})(?P<kind>{'|'.join(KIND_ZH.values())})"
+    f"(?P<direction>{'|'.join(DIRECTION_ZH.values())})移动")
+_FROM_ZH = {zh: en for table in (COLOUR_ZH, KIND_ZH, DIRECTION_ZH) for en, zh in table.items()}
+
+
+def parse_motion(text: str, lang: str = "en") -> tuple[str, str, str] | None:
+    """(colour, kind, direction) of the first motion a caption states, or None when none follows the grammar."""
+    if lang == "en":
+        found = _MOTION_EN.search(text.lower())
+        if found is None:
+            return None
+        direction = {v: k for k, v in DIRECTION_EN.items()}[found["direction"]]
+        return found["colour"], found["kind"], direction
+    if lang == "zh":
+        found = _MOTION_ZH.search(text)
+        if found is None:
+            return None
+        return (_FROM_ZH[found["colour"]], _FROM_ZH[found["kind"]], _FROM_ZH[found["direction"]])
+    raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+
+
+def motion_report(references: list[str], hypotheses: list[str], lang: str = "en") -> dict[str, float]:
+    """Share of clips whose generated caption states the right direction, colour and kind (unparsable: wrong)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    scores = {"direction": 0, "colour": 0, "kind": 0}
+    for ref, hyp in zip(references, hypotheses):
+        truth, guess = parse_motion(ref, lang), parse_motion(hyp or "", lang)
+        if truth is None:
+            raise ValueError(f"reference caption {ref!r} does not follow the motion grammar")
+        if guess is not None:
+            scores["colour"] += guess[0] == truth[0]
+            scores["kind"] += guess[1] == truth[1]
+            scores["direction"] += guess[2] == truth[2]
+    count = max(len(references), 1)
+    return {f"accuracy_{k}": v / count for k, v in scores.items()}

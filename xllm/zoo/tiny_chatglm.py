@@ -1,0 +1,198 @@
+"""The tiny tier's ChatGLM: a SentencePiece vocabulary and a small GLM pre-trained on the world's Chinese text.
+
+The folder it writes is a ChatGLM-6B checkpoint in miniature (``config.json``, ``model.safetensors`` in the
+original key layout, ``ice_text.model`` and ``tokenizer_config.json``), so the ``chatglm`` backend loads it
+with the same code that loads the real model. The vocabulary keeps ChatGLM's special pieces, only at other
+ids; the tokenizer finds them by name and the config records the same ids.
+
+Pre-training uses X-LLM's prompt layout, ``问：{query}\\n答：`` [gMASK] <sop> answer <eop>, with the loss on
+the answer and <eop> only (the context attends bidirectionally, so it cannot be predicted). Like the English
+tiny LLM (see ``xllm/zoo/corpus.py``) it reads captions asked for without an image and captions given inside
+an image span that the answer repeats, plus questions about the shape at one position of such a caption. The
+span's contents are tokenised apart from the text around them, exactly as the composite tokenises the text
+around ``<ImageHere>``, so that stage 2 only has to replace those tokens with the interface's embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from xllm.datasets.world.scenes import COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, caption_en, caption_zh, sample_scene
+from xllm.models.llm.base import IGNORE_INDEX
+from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
+from xllm.models.llm.chatglm_backend import ChatGLMBackend
+from xllm.models.llm.chatglm_tokenizer import MAX_BLANK_LENGTH
+from xllm.models.xllm import marker, media_span
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "ice_text.model"
+# ChatGLM-6B's own special pieces: control pieces vanish when decoded, user-defined ones are matched whole.
+CONTROL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>")
+USER_PIECES = ("<n>", "<|tab|>", *(f"<|blank_{k}|>" for k in range(2, MAX_BLANK_LENGTH + 1)))
+
+DESCRIBE_ZH = ("请描述这张图片。", "描述这张图片。", "图片里有什么？")
+DESCRIBE_EN = ("Describe the image.", "What is in the picture?")
+IMAGE_MARKER = marker("image")
+
+
+@dataclass(frozen=True)
+class TinyChatGLMRecipe:
+    seed: int = 0
+    vocab_size: int = 1024  # an upper bound: the world's text needs fewer pieces, and training keeps what it finds
+    # Chinese has no spaces to cut at: longer pieces would swallow whole "position + size + colour + kind"
+    # phrases, one id per combination, which an interface could never compose from attributes.
+    max_piece_length: int = 3
+    hidden_size: int = 192
+    num_layers: int = 3
+    num_heads: int = 4
+    inner_hidden_size: int = 768
+    steps: int = 1200
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    init_std: float = 0.02
+    copy_share: float = 0.6  # documents whose answer repeats a caption given in an image span
+    lookup_share: float = 0.25  # documents asking for the shape at one position of a caption in an image span
+    english_share: float = 0.0  # the LLM reads Chinese; English costs steps that the Chinese stage 2 needs
+    tokenizer_english_share: float = 0.3  # the vocabulary covers both of the world's languages
+    tokenizer_documents: int = 20000
+
+
+@dataclass(frozen=True)
+class Document:
+    """One round: ``query`` may hold the image marker, which ``span_text`` replaces."""
+
+    query: str
+    answer: str
+    span_text: str | None = None
+
+    def text(self) -> str:
+        return self.query.replace(IMAGE_MARKER, self.span_text or "")
+
+
+def world_document(rng: random.Random, copy_share: float, lookup_share: float, english_share: float) -> Document:
+    """A copy document (probability ``copy_share``), a lookup document (``lookup_share``, Chinese only) or a
+    caption asked for without an image."""
+    scene = sample_scene(rng)
+    english = rng.random() < english_share
+    caption = caption_en(scene) if english else caption_zh(scene)
+    question = rng.choice(DESCRIBE_EN if english else DESCRIBE_ZH)
+    draw = rng.random()
+    if draw < copy_share:
+        separator = " " if english else ""
+        return Document(f"{media_span('image')}{separator}{question}", caption, span_text=caption)
+    if draw < copy_share + lookup_share and not english:
+        # One shape's attributes, found by its position: the reading that copying a caption of several shapes
+        # needs, where "有一个" starts every shape and the previous token cannot tell them apart.
+        shape = rng.choice(scene.shapes)
+        answer = f"一个{SIZE_ZH[shape.size]}的{COLOUR_ZH[shape.colour]}{KIND_ZH[shape.kind]}。"
+        return Document(f"{media_span('image')}{POSITION_ZH[shape.position]}有什么？", answer, span_text=caption)
+    return Document(question, caption)
+
+
+def train_tokenizer(recipe: TinyChatGLMRecipe, folder: Path) -> ChatGLMTokenizer:
+    """A unigram SentencePiece model with ChatGLM's normaliser, byte fallback and special pieces."""
+    rng = random.Random(f"chatglm-tokenizer/{recipe.seed}")
+    texts = [f"问：{doc.text()}<n>答：{doc.answer}"
+             for doc in (world_document(rng, recipe.copy_share, recipe.lookup_share, recipe.tokenizer_english_share)
+                         for _ in range(recipe.tokenizer_documents))]
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        prefix = Path(scratch) / "ice_text"
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_prefix=str(prefix), model_type="unigram",
+            vocab_size=recipe.vocab_size, hard_vocab_limit=False, max_sentencepiece_length=recipe.max_piece_length,
+            character_coverage=1.0, byte_fallback=True,
+            split_digits=True, normalization_rule_name="nmt_nfkc", num_threads=1, minloglevel=2,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            pad_piece="<pad>", control_symbols=list(CONTROL_PIECES), user_defined_symbols=list(USER_PIECES))
+        (folder / TOKENIZER_FILE).write_bytes(prefix.with_suffix(".model").read_bytes())
+    settings = {"num_image_tokens": 0, "remove_space": False, "do_lower_case": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return ChatGLMTokenizer.from_pretrained(folder)
+
+
+def model_config(recipe: TinyChatGLMRecipe, tokenizer: ChatGLMTokenizer) -> dict:
+    """A ``config.json`` in ChatGLM-6B's format whose special ids are the tokenizer's."""
+    return {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+        "vocab_size": tokenizer.vocab_size, "hidden_size": recipe.hidden_size, "num_layers": recipe.num_layers,
+        "num_attention_heads": recipe.num_heads, "inner_hidden_size": recipe.inner_hidden_size,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "mask_token_id": tokenizer.mask_token_id, "gmask_token_id": tokenizer.gmask_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "max_sequence_length": 2048, "position_encoding_2d": True,
+        "use_cache": True,
+    }
+
+
+def initialise(model: nn.Module, std: float) -> None:
+    # PyTorch's default N(0, 1) embedding would start the tied output layer at logits of std ~sqrt(hidden).
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def document_row(backend: ChatGLMBackend, doc: Document) -> tuple[list[int], list[int]]:
+    """Ids and labels of one document, the span's text tokenised on its own like a medium's slots."""
+    before, *after = backend.format_prompt(doc.query).split(IMAGE_MARKER)
+    prompt = backend.tokenize(before)
+    if after:
+        prompt += backend.tokenize(doc.span_text) + backend.tokenize(after[0])
+    return backend.build_sequence(prompt, doc.answer)
+
+
+def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    return {
+        "input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows]),
+        "labels": torch.tensor([[IGNORE_INDEX] * (width - len(labels)) + labels for _, labels in rows]),
+    }
+
+
+def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecipe()) -> None:
+    # tiny.py lists this builder in its COMPONENTS, so importing its marker at module level would be circular.
+    from xllm.zoo.tiny import _mark_built
+
+    torch.manual_seed(recipe.seed)
+    tokenizer = train_tokenizer(recipe, folder)
+    model = ChatGLMForConditionalGeneration.from_config(model_config(recipe, tokenizer), device="cpu")
+    initialise(model, recipe.init_std)
+    backend = ChatGLMBackend(model, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
+    rng = random.Random(f"chatglm-llm/{recipe.seed}")
+    model.train()
+    start = time.time()
+    for step in range(recipe.steps):
+        docs = [world_document(rng, recipe.copy_share, recipe.lookup_share, recipe.english_share)
+                for _ in range(recipe.batch_size)]
+        rows = [document_row(backend, doc) for doc in docs]
+        batch = left_padded(rows, tokenizer.pad_token_id)
+        loss = backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
+                       batch["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log.info("tiny ChatGLM step %d/%d loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(),
+                     time.time() - start)
+    model.eval()
+    model.save_pretrained(folder)
+    _mark_built(folder, recipe)
