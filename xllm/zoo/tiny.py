@@ -14,7 +14,6 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +22,16 @@ from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from xllm.common.paths import cache_dir
-from xllm.datasets.world.render import render
+from xllm.datasets.world.render import RENDER_VERSION, render
 from xllm.datasets.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
 from xllm.processors.image import ImageProcessor
-from xllm.zoo.corpus import conversations
+from xllm.zoo.corpus import world_documents
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
-from xllm.zoo.llm_all import build_llm_all
 from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
 from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm
 
 log = logging.getLogger(__name__)
 
-Documents = Callable[[random.Random], list[tuple[str, str]]]
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
@@ -47,13 +44,13 @@ CHAT_TEMPLATE = (
 class TinyLLMRecipe:
     seed: int = 0
     vocab_size: int = 1024
-    hidden_size: int = 192
-    num_layers: int = 3
-    num_heads: int = 4
-    intermediate_size: int = 512
-    steps: int = 800
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 8  # many small heads: copying from the prompt needs several attention patterns at once
+    intermediate_size: int = 344
+    steps: int = 1200
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     tokenizer_documents: int = 20000
 
 
@@ -66,9 +63,10 @@ class TinyEncoderRecipe:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 64
     lr: float = 1e-3
+    render_version: int = RENDER_VERSION  # a change in drawing means a new encoder
 
 
 def zoo_dir() -> Path:
@@ -97,9 +95,9 @@ def render_chat(turns: list[tuple[str, str]]) -> str:
     return "".join(f"<|user|>{q}\n<|assistant|>{a}<|end|>\n" for q, a in turns)
 
 
-def train_tokenizer(recipe: TinyLLMRecipe, documents: Documents = conversations) -> PreTrainedTokenizerFast:
+def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
     rng = random.Random(f"tokenizer/{recipe.seed}")
-    texts = [render_chat(documents(rng)) for _ in range(recipe.tokenizer_documents)]
+    texts = [render_chat(world_documents(rng)) for _ in range(recipe.tokenizer_documents)]
     # Byte-level BPE: any text (Chinese included) encodes; nothing maps to an unknown token.
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -111,10 +109,9 @@ def train_tokenizer(recipe: TinyLLMRecipe, documents: Documents = conversations)
                                    bos_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE)
 
 
-def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe(), documents: Documents = conversations) -> None:
-    """``documents`` draws one conversation: another corpus gives an LLM that knows more of the world's text."""
+def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
     torch.manual_seed(recipe.seed)
-    tokenizer = train_tokenizer(recipe, documents)
+    tokenizer = train_tokenizer(recipe)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
@@ -127,7 +124,7 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe(), documents: 
     model.train()
     start = time.time()
     for step in range(recipe.steps):
-        texts = [render_chat(documents(rng)) for _ in range(recipe.batch_size)]
+        texts = [render_chat(world_documents(rng)) for _ in range(recipe.batch_size)]
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         for group in optimizer.param_groups:
@@ -222,7 +219,6 @@ COMPONENTS = {
     "image_encoder": (TinyEncoderRecipe(), build_image_encoder),
     "text_tokenizer": (TinyTextTokenizerRecipe(), build_text_tokenizer),
     "speech_encoder": (TinySpeechEncoderRecipe(), build_speech_encoder),
-    "llm_all": (TinyLLMRecipe(steps=1000), build_llm_all),
     "chatglm_llm": (TinyChatGLMRecipe(), build_chatglm_llm),
 }
 

@@ -54,17 +54,18 @@ class TinyChatGLMRecipe:
     # Chinese has no spaces to cut at: longer pieces would swallow whole "position + size + colour + kind"
     # phrases, one id per combination, which an interface could never compose from attributes.
     max_piece_length: int = 3
-    hidden_size: int = 192
-    num_layers: int = 3
-    num_heads: int = 4
-    inner_hidden_size: int = 768
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 8  # many small heads: copying from the prompt needs several attention patterns at once
+    inner_hidden_size: int = 512
     steps: int = 1200
-    batch_size: int = 16
+    batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     init_std: float = 0.02
-    copy_share: float = 0.6  # documents whose answer repeats a caption given in an image span
-    lookup_share: float = 0.25  # documents asking for the shape at one position of a caption in an image span
+    drill_share: float = 0.45  # copy drills: random strings of the world's words in a span, repeated
+    copy_share: float = 0.3  # documents whose answer repeats a caption given in an image span
+    lookup_share: float = 0.15  # documents asking for the shape at one position of a caption in an image span
     english_share: float = 0.0  # the LLM reads Chinese; English costs steps that the Chinese stage 2 needs
     tokenizer_english_share: float = 0.3  # the vocabulary covers both of the world's languages
     tokenizer_documents: int = 20000
@@ -82,9 +83,22 @@ class Document:
         return self.query.replace(IMAGE_MARKER, self.span_text or "")
 
 
-def world_document(rng: random.Random, copy_share: float, lookup_share: float, english_share: float) -> Document:
-    """A copy document (probability ``copy_share``), a lookup document (``lookup_share``, Chinese only) or a
-    caption asked for without an image."""
+WORDS_ZH = (*COLOUR_ZH.values(), *KIND_ZH.values(), *POSITION_ZH.values(), *SIZE_ZH.values(), "有一个", "的", "，")
+
+
+def copy_drill(rng: random.Random) -> Document:
+    """Random strings of the world's Chinese words cannot be guessed, only read: they grow the copying heads
+    (see ``xllm/zoo/corpus.py``)."""
+    words = "".join(rng.choice(WORDS_ZH) for _ in range(rng.randint(2, 10)))
+    return Document(f"{media_span('image')}{rng.choice(DESCRIBE_ZH)}", words, span_text=words)
+
+
+def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share: float) -> Document:
+    """A copy drill, a copy document, a lookup document (Chinese only) or a caption asked for without an image,
+    in the recipe's shares."""
+    if rng.random() < recipe.drill_share:
+        return copy_drill(rng)
+    copy_share, lookup_share = (share / (1 - recipe.drill_share) for share in (recipe.copy_share, recipe.lookup_share))
     scene = sample_scene(rng)
     english = rng.random() < english_share
     caption = caption_en(scene) if english else caption_zh(scene)
@@ -106,7 +120,7 @@ def train_tokenizer(recipe: TinyChatGLMRecipe, folder: Path) -> ChatGLMTokenizer
     """A unigram SentencePiece model with ChatGLM's normaliser, byte fallback and special pieces."""
     rng = random.Random(f"chatglm-tokenizer/{recipe.seed}")
     texts = [f"问：{doc.text()}<n>答：{doc.answer}"
-             for doc in (world_document(rng, recipe.copy_share, recipe.lookup_share, recipe.tokenizer_english_share)
+             for doc in (world_document(rng, recipe, recipe.tokenizer_english_share)
                          for _ in range(recipe.tokenizer_documents))]
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -179,7 +193,7 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
     model.train()
     start = time.time()
     for step in range(recipe.steps):
-        docs = [world_document(rng, recipe.copy_share, recipe.lookup_share, recipe.english_share)
+        docs = [world_document(rng, recipe, recipe.english_share)
                 for _ in range(recipe.batch_size)]
         rows = [document_row(backend, doc) for doc in docs]
         batch = left_padded(rows, tokenizer.pad_token_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from xllm.datasets.world.render import render
+from xllm.datasets.world.render import RENDER_VERSION, render
 from xllm.datasets.world.scenes import Scene, caption_en, caption_zh, question_answers, sample_scene
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class WorldImageSpec:
     image_size: int = 64
     max_shapes: int = 3
     shard_size: int = 1000
+    render_version: int = RENDER_VERSION
 
     def count(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]

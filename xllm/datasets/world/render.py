@@ -13,7 +13,9 @@ RGB = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),
     "yellow": (235, 215, 40), "purple": (160, 60, 200), "cyan": (40, 210, 220),
 }
-SIZE_FRACTION = {"small": 0.22, "large": 0.42}  # radius as a fraction of a grid cell
+SIZE_FRACTION = {"small": 0.28, "large": 0.45}  # radius as a fraction of a grid cell
+# Part of every world spec, so that folders drawn by an older version of this file are drawn again.
+RENDER_VERSION = 2
 
 
 def shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:

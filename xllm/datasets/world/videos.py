@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xllm.datasets.world.motion import Motion, motion_caption_en, motion_caption_zh, sample_motion
-from xllm.datasets.world.render import cell_center, draw_shape
+from xllm.datasets.world.render import RENDER_VERSION, cell_center, draw_shape
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -35,6 +35,7 @@ class WorldVideoSpec:
     num_frames: int = 8
     fps: int = 8
     max_still: int = 1
+    render_version: int = RENDER_VERSION
 
     def count(self, split: str) -> int:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
