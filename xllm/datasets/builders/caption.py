@@ -78,19 +78,25 @@ class CaptionDataset(Dataset):
                 "prompt": prompt, "answer": record[self.caption_field]}
 
 
-def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
-                         media_field: str = "image") -> list[dict]:
-    """Records of a caption JSON; a record lacking a field or a media file is an error naming both.
-
-    ``media_field`` names the field holding the media file's path (``video`` for video captions)."""
+def read_json_list(path: Path, what: str) -> list:
+    """The JSON list of records in ``path``; a missing file, bad JSON or another type is an error naming it."""
     if not path.is_file():
-        raise FileNotFoundError(f"caption annotation file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(records, list):
         raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}")
+    return records
+
+
+def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
+                         media_field: str = "image") -> list[dict]:
+    """Records of a caption JSON; a record lacking a field or a media file is an error naming both.
+
+    ``media_field`` names the field holding the media file's path (``video`` for video captions)."""
+    records = read_json_list(path, "caption annotation")
     kept, skipped = [], 0
     for index, record in enumerate(records):
         problem = None

@@ -9,7 +9,6 @@ device-status samples are generated first.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xllm.common.registry import registry
-from xllm.datasets.builders.caption import prepare_storage
+from xllm.datasets.builders.caption import prepare_storage, read_json_list
 from xllm.datasets.world.device import CHANNEL_MEAN, CHANNEL_STD, command_report, parse_command
 from xllm.datasets.world.signals import WorldSignalSpec, write_world_signals
 from xllm.eval.caption_metrics import caption_report
@@ -42,14 +41,7 @@ class SignalTextConfig:
 
 def read_signal_records(path: Path, cfg) -> list[dict]:
     """Records of a signal JSON, each series checked: [steps][channels] numbers with ``cfg.channels`` channels."""
-    if not path.is_file():
-        raise FileNotFoundError(f"signal annotation file not found: {path}")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a JSON list of records, found {type(records).__name__}")
+    records = read_json_list(path, "signal annotation")
     for index, record in enumerate(records):
         name = f"record {index} (id {record.get('id')!r}) in {path}" if isinstance(record, dict) else f"record {index} in {path}"
         missing = [f for f in (cfg.signal_field, cfg.answer_field) if not isinstance(record, dict) or f not in record]
