@@ -16,6 +16,15 @@ MICRO_QFORMER = dict(num_query_tokens=4, hidden_size=32, num_hidden_layers=2, nu
                      intermediate_size=64, cross_attention_frequency=1, dropout=0.0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the machine's cores are shared, and more threads make micro models slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's read-only outside material (``../shared``); tests that need it skip without it."""

@@ -40,12 +40,7 @@ QFORMER = dict(name="qformer", num_query_tokens=QUERIES, hidden_size=QF_WIDTH, n
                num_attention_heads=QF_HEADS, intermediate_size=QF_FFN, cross_attention_frequency=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ CAPTIONS = ["a small red circle at the top.", "a large blue star on the left.",
             "a small green cross in the center and a large red square at the bottom.", "a large cyan diamond."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the machine's cores are shared, and more threads make micro models slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

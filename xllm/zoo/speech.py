@@ -25,6 +25,7 @@ from xllm.datasets.world.speech_corpus import WorldSpeechSpec, ensure_corpus, ma
 from xllm.eval.asr_metrics import cer
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, tiny_whisper_config
 from xllm.processors.audio import AudioProcessor, collate_audio
+from xllm.runners.runner import lr_factor
 
 log = logging.getLogger(__name__)
 FRAMES_PER_SECOND = 50  # encoder outputs: 100 log-mel frames per second, halved by the second convolution
@@ -43,13 +44,6 @@ class TinySpeechEncoderRecipe:
     batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 20
-
-
-def _lr(step: int, recipe: TinySpeechEncoderRecipe) -> float:
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
 
 
 def _features(recipe: TinySpeechEncoderRecipe, split: str) -> tuple[list[torch.Tensor], list[str]]:
@@ -94,7 +88,7 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
         loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), zero_infinity=True)
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, recipe)
+            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, recipe.warmup, "cosine", 0.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -25,12 +24,15 @@ from xllm.common.paths import cache_dir
 from xllm.datasets.world.render import RENDER_VERSION, render
 from xllm.datasets.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
 from xllm.processors.image import ImageProcessor
+from xllm.runners.runner import lr_factor
 from xllm.zoo.corpus import world_documents
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
 from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
 from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm
 
 log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 100
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -82,12 +84,6 @@ def _mark_built(folder: Path, recipe) -> None:
     (folder / "recipe.json").write_text(json.dumps(asdict(recipe)))
 
 
-def _cosine_lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 # --------------------------------------------------------------------------- LLM
 
 
@@ -128,7 +124,7 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, recipe.steps, recipe.lr)
+            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0)
         loss = model(**batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -196,7 +192,7 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
         pixels = torch.stack([processor(render(s, recipe.image_size, rng)) for s in scenes])
         labels = torch.stack([grid_labels(s) for s in scenes])
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, recipe.steps, recipe.lr)
+            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0)
         logits = probe(model(pixel_values=pixels).last_hidden_state)
         loss = sum(F.cross_entropy(l.flatten(0, 1), labels[..., i].flatten()) for i, l in enumerate(logits))
         loss.backward()
