@@ -13,7 +13,8 @@ from xllm.common.logging import setup_logging
 from xllm.common.registry import registry
 from xllm.datasets.build import build_split
 from xllm.models.builder import build_model
-from xllm.runners.runner import Runner, concat
+from xllm.datasets.mixture import concat, training_set
+from xllm.runners.runner import Runner
 from xllm import zoo
 
 
@@ -42,7 +43,7 @@ def main() -> None:
         print(f"config saved to {save_config(cfg, cfg.run.output_dir)}")
     model = build_model(cfg.model)
     task = registry.get("task", cfg.run.task)(cfg.run)
-    train_set = concat(list(build_split(cfg.datasets, "train").values()))
+    train_set = training_set(build_split(cfg.datasets, "train"), cfg.datasets, cfg.run.seed)
     val_sets = build_split(cfg.datasets, "val")
     runner = Runner(cfg, model, task, train_set, concat(list(val_sets.values())))
     if cfg.run.resume:

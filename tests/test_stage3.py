@@ -13,7 +13,8 @@ from xllm.datasets.build import build_split
 from xllm.datasets.collate import collate
 from xllm.datasets.mixture import MixtureDataset
 from xllm.models.builder import build_model
-from xllm.runners.runner import Runner, concat
+from xllm.datasets.mixture import concat, training_set
+from xllm.runners.runner import Runner
 from xllm.tasks.multitask import MultiTask, per_sample_loss
 
 SIGNAL = {"encoder": {"name": "signal", "channels": 4},
@@ -113,7 +114,7 @@ def test_stage3_trains_only_adapters_and_logs_each_task(stage3_cfg, capsys):
     torch.manual_seed(0)
     model = build_model(stage3_cfg.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train = concat(list(build_split(stage3_cfg.datasets, "train").values()))
+    train = training_set(build_split(stage3_cfg.datasets, "train"), stage3_cfg.datasets, stage3_cfg.run.seed)
     runner = Runner(stage3_cfg, model, MultiTask(stage3_cfg.run), train,
                     concat(list(build_split(stage3_cfg.datasets, "val").values())))
     assert isinstance(runner.train_set, MixtureDataset)

@@ -9,7 +9,8 @@ subsampled). The plan depends only on the seed, so a run and its resume see the 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from omegaconf import DictConfig
+from torch.utils.data import ChainDataset, ConcatDataset, Dataset, IterableDataset
 
 
 class MixtureDataset(Dataset):
@@ -36,3 +37,25 @@ class MixtureDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         name, inner = self.plan[index]
         return {**self.parts[name][inner], "task": name}
+
+
+def concat(datasets: list[Dataset]) -> Dataset:
+    if len(datasets) == 1:
+        return datasets[0]
+    if any(isinstance(d, IterableDataset) for d in datasets):
+        return ChainDataset(datasets)
+    return ConcatDataset(datasets)
+
+
+def training_set(parts: dict[str, Dataset], datasets_cfg: DictConfig, seed: int) -> Dataset:
+    """The configured datasets' training splits as one set: a ratio mixture when the config gives
+    ``datasets.<name>.ratio``, else their concatenation."""
+    ratios = {name: datasets_cfg[name].get("ratio") for name in parts}
+    if all(r is None for r in ratios.values()):
+        return concat(list(parts.values()))
+    unset = [name for name, r in ratios.items() if r is None]
+    if unset:
+        raise ValueError(f"datasets {unset} have no 'ratio' while others do: a mixture needs one per dataset")
+    if any(isinstance(p, IterableDataset) for p in parts.values()):
+        raise ValueError("a ratio mixture needs map-style (indexable) training sets, not streamed shards")
+    return MixtureDataset(parts, ratios, seed)

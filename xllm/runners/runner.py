@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm import tqdm
 
 from xllm.common import dist
@@ -22,7 +22,6 @@ from xllm.common.checkpoint import (latest_checkpoint, load_trainer_state, load_
                                     save_checkpoint)
 from xllm.common.logging import MetricLogger
 from xllm.datasets.collate import collate
-from xllm.datasets.mixture import MixtureDataset
 from xllm.models.trainable import apply_trainable, parameter_table, set_train_mode
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 class Runner:
     def __init__(self, cfg: DictConfig, model, task, train_set: Dataset, val_set: Dataset | None) -> None:
         self.cfg, self.run = cfg, cfg.run
-        self.task, self.val_set = task, val_set
-        self.train_set = train_set = mixture(train_set, cfg.get("datasets"), self.run.seed)
+        self.task, self.train_set, self.val_set = task, train_set, val_set
         self.output_dir = Path(self.run.output_dir)
         self.device = dist.pick_device(self.run.device)
         self.model = model.to(self.device)
@@ -259,30 +257,3 @@ class Runner:
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)
         return loss
-
-
-def mixture(train_set: Dataset, datasets_cfg: DictConfig | None, seed: int) -> Dataset:
-    """The training set as a ratio mixture when the config gives ``datasets.<name>.ratio``, else unchanged.
-
-    ``train_set`` is ``concat`` of the configured datasets in config order, so its parts pair with the names.
-    """
-    ratios = {name: entry.get("ratio") for name, entry in (datasets_cfg or {}).items()}
-    if all(r is None for r in ratios.values()):
-        return train_set
-    unset = [name for name, r in ratios.items() if r is None]
-    if unset:
-        raise ValueError(f"datasets {unset} have no 'ratio' while others do: a mixture needs one per dataset")
-    parts = train_set.datasets if isinstance(train_set, ConcatDataset) else [train_set]
-    if len(parts) != len(ratios) or any(isinstance(p, IterableDataset) for p in parts):
-        raise ValueError("a ratio mixture needs one map-style (indexable) training set per configured dataset")
-    return MixtureDataset(dict(zip(ratios, parts)), ratios, seed)
-
-
-def concat(datasets: list[Dataset]) -> Dataset:
-    if len(datasets) == 1:
-        return datasets[0]
-    if any(isinstance(d, IterableDataset) for d in datasets):
-        from torch.utils.data import ChainDataset
-
-        return ChainDataset(datasets)
-    return ConcatDataset(datasets)
