@@ -3,8 +3,8 @@
 A real LLM arrives knowing its language and able to repeat and answer from what its prompt says; an
 interface's "foreign language" embeddings rely on exactly that reading skill. The tiny LLM learns both from:
 - documents of the world: scene captions, questions answered from a caption in the prompt, motion captions,
-  device-status replies, multi-turn dialogues, and captions wrapped in media spans (``<Image>…</Image>``)
-  that the answer repeats;
+  device-status replies, multi-turn dialogues, and captions wrapped in media spans (``<Image>…</Image>``,
+  ``<Speech>…</Speech>`` with the transcription prompt) that the answer repeats;
 - copy drills: random strings of the world's words in a media span, repeated by the answer. Their words
   cannot be guessed from the world's regularities, so the only way to predict them is to read the span;
   this grows the attention heads that copy (induction heads) in a few hundred steps, where world captions
@@ -20,12 +20,16 @@ from functools import lru_cache
 from xllm.datasets.world.device import answer, sample_status
 from xllm.datasets.world.motion import motion_caption_en, sample_motion
 from xllm.datasets.world.scenes import POSITIONS, Scene, caption_en, caption_zh, question_answers, sample_scene
+from xllm.zoo.tiny_chatglm import WORDS_ZH
 
 DESCRIBE_EN = ("Describe the image.", "What is in the picture?", "Describe the scene briefly.")
 DESCRIBE_ZH = ("描述这张图片。", "图片里有什么？")
 DESCRIBE_VIDEO = ("Describe the video.", "What happens in the video?")
 ASK_DEVICE = ("What should I do?", "Check the device status.")
-SPANS = ("Image", "Video", "Signal")
+TRANSCRIBE_EN = ("Transcribe the speech.",)
+TRANSCRIBE_ZH = ("请忠实地识别该语音",)  # X-LLM's Chinese ASR prompt, written right after the span
+# The question a copy drill asks after each kind of span: the instructions that stage 2 will use.
+SPAN_QUESTIONS = {"Image": DESCRIBE_EN, "Video": DESCRIBE_VIDEO, "Signal": ASK_DEVICE, "Speech": TRANSCRIBE_EN}
 
 
 def conversations(rng: random.Random) -> list[tuple[str, str]]:
@@ -33,8 +37,12 @@ def conversations(rng: random.Random) -> list[tuple[str, str]]:
     scene = sample_scene(rng)
     kind = rng.random()
     if kind < 0.45:
+        # A caption shown, or spoken (the world's speech says its captions): the answer repeats it.
         english = rng.random() < 0.75
         caption = caption_en(scene) if english else caption_zh(scene)
+        if rng.random() < 0.3:
+            question = rng.choice(TRANSCRIBE_EN) if english else rng.choice(TRANSCRIBE_ZH)
+            return [(f"<Speech>{caption}</Speech>{' ' if english else ''}{question}", caption)]
         question = rng.choice(DESCRIBE_EN if english else DESCRIBE_ZH)
         return [(f"<Image>{caption}</Image> {question}", caption)]
     if kind < 0.65:
@@ -81,9 +89,15 @@ def world_words() -> tuple[str, ...]:
 
 
 def copy_drill(rng: random.Random) -> list[tuple[str, str]]:
-    words = " ".join(rng.choice(world_words()) for _ in range(rng.randint(2, 10)))
-    span = rng.choice(SPANS)
-    return [(f"<{span}>{words}</{span}> {rng.choice(DESCRIBE_EN + DESCRIBE_VIDEO)}", words)]
+    """English words, or a quarter of the time the Chinese captions' words (written without spaces), whose
+    pieces need copying heads of their own."""
+    count = rng.randint(2, 10)
+    if rng.random() < 0.25:
+        words = "".join(rng.choice(WORDS_ZH) for _ in range(count))
+    else:
+        words = " ".join(rng.choice(world_words()) for _ in range(count))
+    span = rng.choice(tuple(SPAN_QUESTIONS))
+    return [(f"<{span}>{words}</{span}> {rng.choice(SPAN_QUESTIONS[span])}", words)]
 
 
 def world_documents(rng: random.Random) -> list[tuple[str, str]]:

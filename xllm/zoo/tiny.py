@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +24,13 @@ from transformers import Blip2VisionConfig, Blip2VisionModel, LlamaConfig, Llama
 from xllm.common.paths import cache_dir
 from xllm.datasets.world.render import RENDER_VERSION, render
 from xllm.datasets.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
+from xllm.models.llm.base import IGNORE_INDEX
 from xllm.processors.image import ImageProcessor
 from xllm.runners.runner import lr_factor
 from xllm.zoo.corpus import world_documents
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
 from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
-from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm
+from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm, left_padded
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class TinyLLMRecipe:
     batch_size: int = 32
     lr: float = 3e-3
     tokenizer_documents: int = 20000
+    corpus_version: int = 2  # a change in the corpus or its loss means a new LLM (2: <Speech> spans, answers)
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,38 @@ def _mark_built(folder: Path, recipe) -> None:
 # --------------------------------------------------------------------------- LLM
 
 
+MEDIA_SPAN = re.compile(r"<(?P<name>Image|Video|Signal|Speech)>(?P<contents>.*?)</(?P=name)>")
+
+
 def render_chat(turns: list[tuple[str, str]]) -> str:
     return "".join(f"<|user|>{q}\n<|assistant|>{a}<|end|>\n" for q, a in turns)
+
+
+def chat_row(tokenizer: PreTrainedTokenizerFast, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Ids and labels of one document laid out by ``render_chat``, the loss on the answers and ``<|end|>`` only.
+
+    A user's turn holds media spans of random words (the copy drills) that no model can predict; their loss
+    would drown the answers' signal, which is what teaches reading the prompt. A span's contents are
+    tokenised apart from the text around them, as the composite tokenises the text around a medium's slots:
+    merged tokens such as ".</" would otherwise teach the LLM span ends that stage 2 never shows it.
+    """
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    ids: list[int] = []
+    labels: list[int] = []
+    for index, (query, reply) in enumerate(turns):
+        separator = "\n" if index else ""  # render_chat's newline after the previous <|end|>
+        prompt, start = [], 0
+        text = f"{separator}<|user|>{query}\n<|assistant|>"
+        for span in MEDIA_SPAN.finditer(text):
+            prompt += encode(text[start:span.start("contents")]) + encode(span["contents"])
+            start = span.end("contents")
+        prompt += encode(text[start:])
+        answer = encode(reply) + [tokenizer.eos_token_id]
+        ids += prompt + answer
+        labels += [IGNORE_INDEX] * len(prompt) + answer
+    return ids, labels
 
 
 def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
@@ -120,12 +153,11 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
     model.train()
     start = time.time()
     for step in range(recipe.steps):
-        texts = [render_chat(world_documents(rng)) for _ in range(recipe.batch_size)]
-        batch = tokenizer(texts, padding=True, return_tensors="pt")
-        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        batch = left_padded([chat_row(tokenizer, world_documents(rng)) for _ in range(recipe.batch_size)],
+                            tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0)
-        loss = model(**batch, labels=labels).loss
+        loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
