@@ -70,7 +70,8 @@ def test_checkpoint_list_loads_in_order_later_ones_win(micro_model_cfg, tmp_path
 @pytest.fixture(scope="module")
 def stage3_cfg(micro_model_cfg, micro_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage3")
-    model = dict(micro_model_cfg, model_type="tiny_all",
+    # tiny_signal's defaults hold the signal modality only (tiny_all's would add the zoo's speech encoder).
+    model = dict(micro_model_cfg, model_type="tiny_signal",
                  modalities={"image": micro_model_cfg["modalities"]["image"], "signal": SIGNAL},
                  trainable=["adapters"])
     config = {"model": model,

@@ -2,6 +2,7 @@
 
 import xllm.datasets.builders.asr  # noqa: F401
 import xllm.datasets.builders.caption  # noqa: F401
+import xllm.datasets.builders.masr  # noqa: F401
 import xllm.datasets.builders.speech_instruction  # noqa: F401
 import xllm.models.adapters  # noqa: F401
 import xllm.models.encoders.vision  # noqa: F401

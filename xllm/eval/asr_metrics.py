@@ -112,3 +112,12 @@ def cer(refs: Sequence[str], hyps: Sequence[str | None]) -> tuple[float, ErrorCo
     """Character error rate, and its counts; spaces are not characters (Chinese transcripts often have some)."""
     counts = _corpus_counts(refs, hyps, lambda text: [ch for ch in text if not ch.isspace()])
     return counts.rate, counts
+
+
+def asr_report(references: list[str], hypotheses: list[str | None], langs: list[str]) -> dict[str, float]:
+    """Corpus CER and WER after each utterance's language's normalisation; every hypothesis counts."""
+    refs = [normalize_text(r, lang) for r, lang in zip(references, langs)]
+    hyps = [normalize_text(h or "", lang) for h, lang in zip(hypotheses, langs)]
+    cer_rate, _ = cer(refs, hyps)
+    wer_rate, _ = wer(refs, hyps)
+    return {"cer": cer_rate, "wer": wer_rate, "utterances": len(refs), "empty_hypotheses": sum(not h for h in hyps)}

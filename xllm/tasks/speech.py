@@ -21,22 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from xllm.common.registry import registry
 from xllm.datasets.collate import collate
-from xllm.eval.asr_metrics import cer, normalize_text, wer
+from xllm.eval.asr_metrics import asr_report
 from xllm.models.llm.base import LLMBackend
 from xllm.tasks.image_text import ImageTextTask, StepOutput
 
 MODALITY = "speech"
 QUANTITY_WEIGHT = 1.0  # the quantity loss is in tokens per utterance, the cross-entropy in nats per token
 COSINE_SCALE = 20.0  # logits = scale * cos: enough margin for a confident choice among ~1e3-1e5 tokens
-
-
-def asr_report(references: list[str], hypotheses: list[str | None], langs: list[str]) -> dict[str, float]:
-    """Corpus CER and WER after each utterance's language's normalisation; every hypothesis counts."""
-    refs = [normalize_text(r, lang) for r, lang in zip(references, langs)]
-    hyps = [normalize_text(h or "", lang) for h, lang in zip(hypotheses, langs)]
-    cer_rate, _ = cer(refs, hyps)
-    wer_rate, _ = wer(refs, hyps)
-    return {"cer": cer_rate, "wer": wer_rate, "utterances": len(refs), "empty_hypotheses": sum(not h for h in hyps)}
 
 
 def transcript_ids(llm: LLMBackend, text: str, utt_id: str) -> list[int]:

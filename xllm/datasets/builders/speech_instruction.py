@@ -5,7 +5,8 @@
 media span and asks for a transcript in the utterance's language; the answer is the transcript.
 
 Two builders: ``asr_instruction`` over any corpus the ``asr`` readers know (Kaldi, AISHELL-1/2, manifests), and
-``world_speech``, the synthetic world's spoken captions, synthesised into the cache on first use.
+``world_speech``, the synthetic world's spoken captions, synthesised into the cache on first use. The datasets
+score an evaluation with CER and WER (``report``, which the ``multitask`` task uses).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 from xllm.common.registry import registry
 from xllm.datasets.builders.asr import ASRBuilder, ASRBuilderConfig, ASRRecord, read_manifest
 from xllm.datasets.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
+from xllm.eval.asr_metrics import asr_report
 from xllm.processors.audio import AudioProcessor
 
 
@@ -54,6 +56,18 @@ class SpeechInstructionDataset(Dataset):
         speech = self.processor(record.audio, utt_id=record.utt_id)
         return {"id": record.utt_id, "speech": speech, "prompt": prompt, "answer": record.text, "lang": lang}
 
+    def report(self, references: list[str], hypotheses: list[str | None], lang: str) -> dict[str, float]:
+        """CER and WER of an evaluation over the dataset's first utterances, in order, each scored in its own
+        language (``lang``, the dataset's default, is already each record's fallback)."""
+        if len(references) > len(self.records):
+            raise ValueError(f"report: {len(references)} references for a dataset of {len(self.records)} utterances")
+        records = self.records[: len(references)]
+        for index, (record, reference) in enumerate(zip(records, references)):
+            if record.text != reference:
+                raise ValueError(f"report: reference {index} ({reference!r}) is not the transcript of utterance "
+                                 f"{record.utt_id!r} ({record.text!r}); pass the dataset's samples in order")
+        return asr_report(references, hypotheses, [self.language(r) for r in records])
+
 
 @dataclass
 class ASRInstructionConfig(ASRBuilderConfig):
@@ -68,7 +82,7 @@ class ASRInstructionBuilder(ASRBuilder):
     def build(self, split: str) -> SpeechInstructionDataset:
         records = super().build(split).records
         return SpeechInstructionDataset(records, AudioProcessor.from_config(dict(self.cfg.audio)),
-                                        _prompts(self.cfg), self.cfg.lang, training=split == "train")
+                                        prompts_of(self.cfg), self.cfg.lang, training=split == "train")
 
 
 @dataclass
@@ -92,18 +106,21 @@ class WorldSpeechBuilder:
             raise ValueError(f"bad 'world' block {dict(cfg.world)}: {error}") from None
         self.cfg = cfg
 
-    def build(self, split: str) -> SpeechInstructionDataset:
-        cfg = self.cfg
-        root = ensure_corpus(self.spec, cfg.storage or None)
+    def records(self, split: str) -> list[ASRRecord]:
+        """The split's utterances (``max_samples`` at most), the corpus synthesised first if need be."""
+        root = ensure_corpus(self.spec, self.cfg.storage or None)
         manifest, prefix = manifest_for(root, split)
         records = [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)]
-        if cfg.max_samples is not None:
-            records = records[: cfg.max_samples]
-        return SpeechInstructionDataset(records, AudioProcessor.from_config(dict(cfg.audio)), _prompts(cfg),
-                                        cfg.lang, training=split == "train")
+        return records if self.cfg.max_samples is None else records[: self.cfg.max_samples]
+
+    def build(self, split: str) -> SpeechInstructionDataset:
+        cfg = self.cfg
+        return SpeechInstructionDataset(self.records(split), AudioProcessor.from_config(dict(cfg.audio)),
+                                        prompts_of(cfg), cfg.lang, training=split == "train")
 
 
-def _prompts(cfg) -> dict[str, list[str]]:
+def prompts_of(cfg) -> dict[str, list[str]]:
+    """A dataset config's ``prompts`` per language, each language's list checked to be non-empty."""
     prompts = {lang: list(items) for lang, items in cfg.prompts.items()}
     empty = [lang for lang, items in prompts.items() if not items]
     if empty:

@@ -74,6 +74,15 @@ def caption_zh(scene: Scene) -> str:
     return "，".join(parts) + "。"
 
 
+def caption(scene: Scene, lang: str) -> str:
+    """The scene's caption in ``lang`` (en or zh)."""
+    if lang == "en":
+        return caption_en(scene)
+    if lang == "zh":
+        return caption_zh(scene)
+    raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+
+
 _SHAPE_EN = re.compile(
     r"(?P<size>" + "|".join(SIZES) + r") (?P<colour>" + "|".join(COLOURS) + r") (?P<kind>" + "|".join(KINDS) + r") "
     r"(?P<phrase>" + "|".join(sorted(POSITION_PHRASE_EN.values(), key=len, reverse=True)) + r")"

@@ -4,7 +4,8 @@ Each scene is spoken once, in English or (with probability ``zh_ratio``) in Chin
 scene's split and language (``train-000012-en``, ``val-000003-zh``). ``speech.synthesize`` files every
 utterance of the held-out voice under ``test`` and the rest under ``train``; readers take the ``train``
 manifest's ``val-`` utterances as the validation split. So the test split is one English voice that no
-model ever heard, speaking scenes of both pools.
+model ever heard, speaking scenes of both pools. ``spoken_scenes`` gives the scene each utterance describes
+(multimodal ASR shows its picture).
 
 Like ``images.py``, a folder is complete when its ``corpus.json`` marker (the spec) is there, written last.
 """
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xllm.common.paths import cache_dir
-from xllm.datasets.world.scenes import caption_en, caption_zh, sample_scene
+from xllm.datasets.world.scenes import Scene, caption, sample_scene
 from xllm.datasets.world.speech import synthesize
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,21 @@ class WorldSpeechSpec:
     held_out_voice: str = "en-gb+m3"
 
 
-def utterances(spec: WorldSpeechSpec) -> list[tuple[str, str, str]]:
-    """``(utt_id, text, lang)`` for every scene of the corpus."""
+def spoken_scenes(spec: WorldSpeechSpec) -> list[tuple[str, Scene, str]]:
+    """``(utt_id, scene, lang)`` for every utterance of the corpus: the scene its transcript describes."""
     rows = []
     for pool, count in (("train", spec.num_train), ("val", spec.num_val)):
         rng = random.Random(f"speech/{spec.seed}/{pool}")
         for index in range(count):
             scene = sample_scene(rng, spec.max_shapes)
             lang = "zh" if rng.random() < spec.zh_ratio else "en"
-            text = caption_zh(scene) if lang == "zh" else caption_en(scene)
-            rows.append((f"{pool}-{index:06d}-{lang}", text, lang))
+            rows.append((f"{pool}-{index:06d}-{lang}", scene, lang))
     return rows
+
+
+def utterances(spec: WorldSpeechSpec) -> list[tuple[str, str, str]]:
+    """``(utt_id, text, lang)`` for every scene of the corpus."""
+    return [(utt_id, caption(scene, lang), lang) for utt_id, scene, lang in spoken_scenes(spec)]
 
 
 def corpus_dir(spec: WorldSpeechSpec) -> Path:

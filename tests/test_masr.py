@@ -1,0 +1,141 @@
+"""Multimodal ASR (world_masr) and speech in stage 3: samples, a mixed batch, ASR scores in multitask, configs."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from speech_fixtures import (micro_multimodal_model_cfg, micro_speech_corpus,  # noqa: F401  (fixtures)
+                             micro_speech_encoder)
+
+from xllm.common.config import load_config
+from xllm.common.paths import configs_dir
+from xllm.datasets.build import build_split
+from xllm.datasets.builders.masr import scene_image
+from xllm.datasets.collate import collate
+from xllm.datasets.world.scenes import Scene, parse_caption
+from xllm.datasets.world.speech_corpus import WorldSpeechSpec, spoken_scenes
+from xllm.models.builder import build_model
+from xllm.models.trainable import apply_trainable
+from xllm.processors.image import ImageProcessor
+from xllm.tasks.multitask import MultiTask
+from xllm.tasks.speech import asr_report
+
+IMAGE_SIZE = 32  # the micro image encoder's input size
+
+
+@pytest.fixture(scope="module")
+def stage3_cfg(tmp_path_factory, micro_multimodal_model_cfg, micro_speech_corpus):
+    """A stage-3 style config over the micro corpus: plain ASR and mASR in one ratio mixture."""
+    root = tmp_path_factory.mktemp("masr")
+    masr = {**micro_speech_corpus, "builder": "world_masr", "image_size": IMAGE_SIZE, "ratio": 1.0}
+    config = {"model": micro_multimodal_model_cfg,
+              "datasets": {"asr": {**micro_speech_corpus, "ratio": 1.0}, "masr": masr},
+              "run": {"task": "multitask", "output_dir": str(root / "run"), "eval_batch_size": 4,
+                      "eval_max_samples": 8, "max_new_tokens": 4, "threads": 1}}
+    OmegaConf.save(config, root / "stage3.yaml")
+    return load_config(root / "stage3.yaml")
+
+
+def languages(ids: list[str]) -> list[str]:
+    return [utt_id.rsplit("-", 1)[1] for utt_id in ids]  # the world's ids end with the language
+
+
+def test_masr_image_is_the_scene_its_transcript_describes(stage3_cfg):
+    spec = WorldSpeechSpec(**stage3_cfg.datasets.masr.world)
+    recovered = {utt_id: scene for utt_id, scene, _ in spoken_scenes(spec)}
+    processor = ImageProcessor(IMAGE_SIZE)
+    train = build_split(stage3_cfg.datasets, "train")["masr"]
+    test = build_split(stage3_cfg.datasets, "test")["masr"]
+    samples = [train[i] for i in range(len(train))] + [test[0]]
+    assert {s["lang"] for s in samples} == {"en", "zh"}
+    for sample in samples:
+        spoken = Scene(tuple(parse_caption(sample["answer"], sample["lang"])))
+        assert spoken == recovered[sample["id"]], sample["id"]
+        expected = processor(scene_image(spoken, sample["id"], spec.seed, IMAGE_SIZE))
+        assert sample["image"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert torch.equal(sample["image"], expected), sample["id"]
+        assert sample["speech"].shape[0] == 80
+    assert not torch.equal(samples[0]["image"], samples[1]["image"])
+    english = next(s for s in samples if s["lang"] == "en")
+    chinese = next(s for s in samples if s["lang"] == "zh")
+    assert english["prompt"] == ("<Image><ImageHere></Image> <Speech><SpeechHere></Speech> "
+                                 "Transcribe the speech about the image.")
+    assert chinese["prompt"] == "<Image><ImageHere></Image><Speech><SpeechHere></Speech>请忠实地识别该语音"
+
+
+def test_a_transcript_that_is_not_its_scenes_caption_is_an_error_naming_the_utterance(stage3_cfg, tmp_path):
+    storage = tmp_path / "corpus"
+    shutil.copytree(stage3_cfg.datasets.masr.storage, storage)
+    manifest = storage / "train.jsonl"
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    wrong = "a small red circle in the center." if entries[0]["lang"] == "en" else "中间有一个小的红色圆形。"
+    assert entries[0]["text"] != wrong
+    entries[0]["text"] = wrong
+    manifest.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+    cfg = OmegaConf.merge(stage3_cfg.datasets, {"masr": {"storage": str(storage)}})
+    with pytest.raises(ValueError, match=rf"utterance '{entries[0]['id']}': transcript .* is not the caption"):
+        build_split(OmegaConf.masked_copy(cfg, ["masr"]), "train")
+
+
+def test_a_mixed_speech_batch_trains_both_interfaces_and_generates(stage3_cfg, one_thread):
+    torch.manual_seed(0)
+    model = build_model(stage3_cfg.model)
+    apply_trainable(model, list(stage3_cfg.model.trainable))
+    sets = build_split(stage3_cfg.datasets, "train")
+    samples = [{**sets["masr"][0], "task": "masr"}, {**sets["asr"][1], "task": "asr"},
+               {**sets["masr"][2], "task": "masr"}]
+    batch = collate(samples)
+    assert batch["image"].shape[0] == 2 and batch["speech"]["features"].shape[0] == 3
+    out = MultiTask(stage3_cfg.run).train_step(model, batch)
+    assert {"loss/asr", "loss/masr"} <= set(out.logs)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name in ("interfaces.image.query_tokens", "interfaces.speech.input_proj.weight", "adapters.image.weight",
+                 "adapters.speech.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    texts = model.generate(collate([sets["masr"][0], sets["masr"][2]]), max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_multitask_scores_speech_datasets_with_asr_metrics(stage3_cfg, one_thread):
+    torch.manual_seed(0)
+    model = build_model(stage3_cfg.model)
+    task = MultiTask(stage3_cfg.run)
+    for name in ("asr", "masr"):
+        dataset = build_split(stage3_cfg.datasets, "train")[name]
+        report, rows = task.evaluate(model, dataset, "en")
+        assert len(rows) == stage3_cfg.run.eval_max_samples
+        ids = [r["id"] for r in rows]
+        assert set(languages(ids)) == {"en", "zh"}, "the rows should hold both languages"
+        expected = asr_report([r["reference"] for r in rows], [r["prediction"] for r in rows], languages(ids))
+        assert report == expected, name
+
+
+def test_speech_report_uses_each_records_language_and_checks_the_order(stage3_cfg):
+    dataset = build_split(stage3_cfg.datasets, "train")["asr"]
+    references = [r.text for r in dataset.records[:8]]
+    langs = languages([r.utt_id for r in dataset.records[:8]])
+    assert set(langs) == {"en", "zh"}
+    hypotheses = [" ".join(ref.split()[1:]) if lang == "en" else ref[1:] for ref, lang in zip(references, langs)]
+    report = dataset.report(references, hypotheses, "zh")
+    assert report == asr_report(references, hypotheses, langs)
+    assert report != asr_report(references, hypotheses, ["zh"] * len(references))  # the argument is a fallback
+    with pytest.raises(ValueError, match=f"utterance {dataset.records[0].utt_id!r}"):
+        dataset.report(references[1:3], hypotheses[1:3], "en")
+
+
+def test_stage3_configs_hold_speech():
+    stage3 = load_config(configs_dir() / "tiny" / "stage3.yaml")
+    assert "speech" in stage3.model.modalities
+    checkpoints = list(stage3.model.checkpoint)
+    assert checkpoints.index("outputs/tiny/stage1_speech") < checkpoints.index("outputs/tiny/stage2_speech")
+    assert (stage3.datasets.asr.builder, stage3.datasets.masr.builder) == ("world_speech", "world_masr")
+    path = configs_dir() / "tiny" / "eval_stage3.yaml"
+    evaluation = load_config(path)
+    assert list(evaluation.model.checkpoint) == checkpoints + ["outputs/tiny/stage3"]
+    baseline = re.search(r"'model\.checkpoint=\[(.*?)\]'", path.read_text()).group(1).split(",")
+    assert baseline == checkpoints  # the comment's stage-2 baseline command: every stage-3 starting weight
+    assert {evaluation.datasets.asr.max_samples, evaluation.datasets.masr.max_samples} == {100}
