@@ -61,14 +61,18 @@ def test_short_clip_repeats_or_refuses(clip):
         read_frames(clip, 12, on_short="error")
 
 
-def test_bad_files_are_named(tmp_path, clip):
-    audio_only = tmp_path / "audio.mp4"
-    with av.open(str(audio_only), "w") as container:
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
         stream = container.add_stream("aac", rate=16000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
         frame.sample_rate = 16000
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
+    return path
+
+
+def test_bad_files_are_named(tmp_path, clip):
+    audio_only = write_audio_only(tmp_path / "audio.mp4")
     with pytest.raises(VideoError, match=r"audio\.mp4 has no video stream"):
         read_frames(audio_only, 2)
 
@@ -104,6 +108,19 @@ def test_decord_backend_is_optional(clip):
             read_frames(clip, 2, backend="decord")
     else:
         assert [frame_index(f) for f in read_frames(clip, 4, backend="decord")] == [1, 3, 6, 8]
+
+
+def test_decord_decodes_the_same_frames_as_pyav(clip, tmp_path):
+    pytest.importorskip("decord", reason="decord is an optional backend (pip install decord)")
+    for kwargs in ({"num_frames": 4}, {"num_frames": 3, "sampling": "fps", "fps": 5}, {"num_frames": 12}):
+        pyav, decord = (read_frames(clip, backend=backend, **kwargs) for backend in ("pyav", "decord"))
+        assert [np.asarray(f).tolist() for f in decord] == [np.asarray(f).tolist() for f in pyav], kwargs
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    with pytest.raises(VideoError, match=r"corrupt\.mp4 with decord"):
+        read_frames(corrupt, 2, backend="decord")
+    with pytest.raises(VideoError, match=r"audio\.mp4 with decord: no video stream"):
+        read_frames(write_audio_only(tmp_path / "audio.mp4"), 2, backend="decord")
 
 
 def test_motion_grammar_round_trips():

@@ -110,8 +110,11 @@ def _read_decord(path: Path, count: int, sampling: str, fps: float | None) -> li
         raise FileNotFoundError(f"video file not found: {path}")
     try:
         reader = decord.VideoReader(str(path))
-    except decord.DECORDError as error:
-        raise VideoError(f"cannot open video file {path} with decord: {error}") from None
+    except (decord.DECORDError, RuntimeError) as error:  # a file FFmpeg cannot parse raises a bare RuntimeError
+        reason = str(error).splitlines()[0]
+        if "cannot find video stream" in str(error):
+            reason = "no video stream"
+        raise VideoError(f"cannot open video file {path} with decord: {reason}") from None
     total = len(reader)
     if sampling == "uniform":
         indices = uniform_indices(total, count) if total >= count else list(range(total))
