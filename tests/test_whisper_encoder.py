@@ -49,10 +49,13 @@ def test_real_frames_match_full_window_then_slice(encoder, batch):
             full = encoder.encoder(window).last_hidden_state[0]
             keep = (length + 1) // 2
             torch.testing.assert_close(hidden[row, :keep], full[:keep], atol=1e-5, rtol=1e-5)
-    # Each row is independent of the others' lengths.
+    # Each row is independent of the others' lengths; a stacked batch without lengths is all real frames.
     with torch.no_grad():
         alone, _ = encoder(features[1:, :, :101], lengths[1:])
+        stacked, stacked_mask = encoder(features[1:, :, :101])
     torch.testing.assert_close(alone[0], hidden[1, :51], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stacked[0], hidden[1, :51], atol=1e-5, rtol=1e-5)
+    assert stacked_mask.all() and stacked_mask.shape == (1, 51)
 
 
 def test_padding_is_whisper_silence(encoder):

@@ -103,11 +103,17 @@ class WhisperSpeechEncoder(nn.Module):
         )
         return cls(WhisperEncoder(config))
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-mel [B, n_mels, T] with real lengths [B] -> (hidden [B, ceil(max length / 2), D], mask, True = real)."""
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-mel [B, n_mels, T] with real lengths [B] -> (hidden [B, ceil(max length / 2), D], mask, True = real).
+
+        Without ``lengths`` every row is T frames long: the batch collation stacks utterances of equal length
+        (one alone, say) into a plain tensor.
+        """
         if features.dim() != 3 or features.shape[1] != self.encoder.config.num_mel_bins:
             n_mels = self.encoder.config.num_mel_bins
             raise ValueError(f"expected log-mel [B, {n_mels}, T], got {tuple(features.shape)}")
+        if lengths is None:
+            lengths = torch.full((features.shape[0],), features.shape[2], device=features.device)
         if int(lengths.max()) > self.window_frames:
             raise ValueError(f"an utterance has {int(lengths.max())} frames, more than Whisper's window of "
                              f"{self.window_frames}; trim or split it first (AudioProcessor max_seconds)")
