@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from xllm.datasets.world.scenes import COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, caption_en, caption_zh, sample_scene
+from xllm.datasets.world.scenes import (COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, caption_en, caption_zh,
+                                        sample_scene)
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
@@ -59,8 +60,8 @@ class TinyChatGLMRecipe:
     num_heads: int = 8  # many small heads: copying from the prompt needs several attention patterns at once
     inner_hidden_size: int = 512
     # Copying from the span appears abruptly, between steps 1,000 and 1,600: before it the loss sits near 1.0
-    # and kinds are guessed from their priors (chance in stage 2); after it the span is repeated exactly.
-    steps: int = 2400
+    # and kinds are guessed from their priors (chance in stage 2); shuffled spans need longer after it.
+    steps: int = 3600
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -68,6 +69,9 @@ class TinyChatGLMRecipe:
     drill_share: float = 0.45  # copy drills: random strings of the world's words in a span, repeated
     copy_share: float = 0.3  # documents whose answer repeats a caption given in an image span
     lookup_share: float = 0.15  # documents asking for the shape at one position of a caption in an image span
+    # Copy documents whose span lists the shapes in another order than the answer: stage 2 then reads kinds
+    # at 75.8 % instead of 46.9 % (colour 80.3 % instead of 98.7 %; docs/chatglm.md).
+    shuffle_share: float = 0.5
     english_share: float = 0.0  # the LLM reads Chinese; English costs steps that the Chinese stage 2 needs
     tokenizer_english_share: float = 0.3  # the vocabulary covers both of the world's languages
     tokenizer_documents: int = 20000
@@ -108,7 +112,13 @@ def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share:
     draw = rng.random()
     if draw < copy_share:
         separator = " " if english else ""
-        return Document(f"{media_span('image')}{separator}{question}", caption, span_text=caption)
+        span = caption
+        if rng.random() < recipe.shuffle_share:
+            # The shapes in another order: the answer has to find each one by its position word, as it must in
+            # an interface's query vectors, which are a set (see docs/chatglm.md).
+            shuffled = Scene(tuple(rng.sample(scene.shapes, len(scene.shapes))))
+            span = caption_en(shuffled) if english else caption_zh(shuffled)
+        return Document(f"{media_span('image')}{separator}{question}", caption, span_text=span)
     if draw < copy_share + lookup_share and not english:
         # One shape's attributes, found by its position: the reading that copying a caption of several shapes
         # needs, where "有一个" starts every shape and the previous token cannot tell them apart.
