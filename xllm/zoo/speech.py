@@ -26,6 +26,7 @@ from xllm.eval.asr_metrics import cer
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, tiny_whisper_config
 from xllm.processors.audio import AudioProcessor, collate_audio
 from xllm.runners.runner import lr_factor
+from xllm.zoo.update import clipped_update
 
 log = logging.getLogger(__name__)
 FRAMES_PER_SECOND = 50  # encoder outputs: 100 log-mel frames per second, halved by the second convolution
@@ -87,12 +88,7 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
         log_probs = head(hidden).log_softmax(-1)
         loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), zero_infinity=True)
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, recipe.warmup, "cosine", 0.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_update(loss, optimizer, params, recipe.lr * lr_factor(step, recipe.steps, recipe.warmup, "cosine", 0.0))
         if step % 20 == 0 or step == recipe.steps - 1:
             log.info("tiny speech encoder step %d/%d CTC loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(),
                      time.time() - start)

@@ -31,6 +31,7 @@ from xllm.zoo.corpus import world_documents
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
 from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
 from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm, left_padded
+from xllm.zoo.update import clipped_update
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +156,9 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
     for step in range(recipe.steps):
         batch = left_padded([chat_row(tokenizer, world_documents(rng)) for _ in range(recipe.batch_size)],
                             tokenizer.pad_token_id)
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0)
         loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_update(loss, optimizer, model.parameters(),
+                       recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0))
         if step % 100 == 0 or step == recipe.steps - 1:
             log.info("tiny LLM step %d/%d loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(), time.time() - start)
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,14 +220,9 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
         scenes = [sample_scene(rng) for _ in range(recipe.batch_size)]
         pixels = torch.stack([processor(render(s, recipe.image_size, rng)) for s in scenes])
         labels = torch.stack([grid_labels(s) for s in scenes])
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0)
         logits = probe(model(pixel_values=pixels).last_hidden_state)
         loss = sum(F.cross_entropy(l.flatten(0, 1), labels[..., i].flatten()) for i, l in enumerate(logits))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_update(loss, optimizer, params, recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0))
         if step % 100 == 0 or step == recipe.steps - 1:
             accuracy = (logits[1].argmax(-1) == labels[..., 1]).float().mean().item()
             log.info("tiny image encoder step %d/%d loss %.3f cell-kind acc %.3f (%.0fs)",

@@ -35,6 +35,7 @@ from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMToke
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import MAX_BLANK_LENGTH
 from xllm.models.xllm import marker, media_span
+from xllm.zoo.update import clipped_update
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,8 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
         batch = left_padded(rows, tokenizer.pad_token_id)
         loss = backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
                        batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clipped_update(loss, optimizer, model.parameters())
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == recipe.steps - 1:
             log.info("tiny ChatGLM step %d/%d loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(),
                      time.time() - start)
