@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from xllm.common.config import resolve_datasets
+from xllm.common.registry import registry
 from xllm.datasets.build import build_split
 from xllm.datasets.collate import collate
 from xllm.processors.image import ImageProcessor
@@ -73,3 +74,10 @@ def test_webdataset_builder_reads_the_same_world(micro_world):
     from_shards = list(shards)
     assert [s["answer"] for s in from_shards] == [coco[i]["answer"] for i in range(len(coco))]
     assert torch.allclose(from_shards[0]["image"], coco[0]["image"])
+
+
+@pytest.mark.parametrize("name", ["coco_caption", "webdataset_caption", "video_caption", "world_qa"])
+def test_an_unknown_on_bad_sample_is_refused_when_the_builder_is_made(name):
+    builder = registry.get("builder", name)
+    with pytest.raises(ValueError, match="on_bad_sample must be 'error' or 'skip', got 'skipp'"):
+        builder(OmegaConf.structured(builder.Config(on_bad_sample="skipp")))

@@ -91,6 +91,12 @@ def read_json_list(path: Path, what: str) -> list:
     return records
 
 
+def check_on_bad_sample(value: str) -> None:
+    """A builder's ``on_bad_sample`` is checked when it is made, before any record is read."""
+    if value not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {value!r}")
+
+
 def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
                          media_field: str = "image") -> list[dict]:
     """Records of a caption JSON; a record lacking a field or a media file is an error naming both.
@@ -121,8 +127,7 @@ class CocoCaptionBuilder:
     Config = CaptionBuilderConfig
 
     def __init__(self, cfg) -> None:
-        if cfg.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}")
+        check_on_bad_sample(cfg.on_bad_sample)
         self.cfg = cfg
 
     def build(self, split: str) -> CaptionDataset:

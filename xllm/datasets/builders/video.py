@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from xllm.common.registry import registry
-from xllm.datasets.builders.caption import prepare_storage, read_caption_records
+from xllm.datasets.builders.caption import check_on_bad_sample, prepare_storage, read_caption_records
 from xllm.datasets.world.motion import motion_report
 from xllm.datasets.world.videos import WorldVideoSpec, write_world_videos
 from xllm.eval.caption_metrics import caption_report
@@ -68,8 +68,7 @@ class VideoCaptionBuilder:
     Config = VideoCaptionConfig
 
     def __init__(self, cfg) -> None:
-        if cfg.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {cfg.on_bad_sample!r}")
+        check_on_bad_sample(cfg.on_bad_sample)
         self.cfg = cfg
 
     def build(self, split: str) -> VideoCaptionDataset:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from xllm.common.registry import registry
-from xllm.datasets.builders.caption import CaptionBuilderConfig, prepare_storage, read_caption_records
+from xllm.datasets.builders.caption import (CaptionBuilderConfig, check_on_bad_sample, prepare_storage,
+                                           read_caption_records)
 from xllm.datasets.world.scenes import NUMBER_ZH
 from xllm.eval.caption_metrics import caption_report
 from xllm.processors.image import ImageProcessor
@@ -63,6 +64,7 @@ class WorldQABuilder:
     def __init__(self, cfg) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"world_qa mode must be one of {MODES}, got {cfg.mode!r}")
+        check_on_bad_sample(cfg.on_bad_sample)
         self.cfg = cfg
 
     def build(self, split: str) -> WorldQADataset:
