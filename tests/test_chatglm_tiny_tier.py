@@ -20,7 +20,7 @@ from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer
 from xllm.runners.runner import Runner
 from xllm.tasks.image_text import ImageTextTask
-from xllm.zoo.tiny_chatglm import CONTROL_PIECES, TOKENIZER_FILE, TinyChatGLMRecipe, build_chatglm_llm
+from xllm.zoo.tiny_chatglm import CONTROL_PIECES, TOKENIZER_FILE, TinyChatGLMRecipe, alike, build_chatglm_llm
 
 SPAN = "<Image><ImageHere></Image>"
 MICRO_CHATGLM = dict(steps=2, batch_size=4, hidden_size=32, num_layers=2, num_heads=2, inner_hidden_size=64,
@@ -61,6 +61,21 @@ def world_captions(n: int) -> list:
 
 
 # --------------------------------------------------------------------------- vocabulary and checkpoint
+
+
+def test_alike_scenes_differ_in_one_attribute_only():
+    rng = random.Random(0)
+    attributes = ("kind", "colour", "size")
+    for _ in range(50):
+        scene = sample_scene(rng)
+        same = alike(scene, rng)
+        first = scene.shapes[0]
+        kept = [name for name in attributes
+                if all(getattr(new, name) == getattr(old, name) for new, old in zip(same.shapes, scene.shapes))
+                and all(getattr(new, other) == getattr(first, other)
+                        for new in same.shapes for other in attributes if other != name)]
+        assert kept, (scene, same)
+        assert [shape.position for shape in same.shapes] == [shape.position for shape in scene.shapes]
 
 
 def test_tokenizer_round_trips_the_worlds_captions(chatglm_folder):
