@@ -20,7 +20,7 @@ from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer
 from xllm.runners.runner import Runner
 from xllm.tasks.image_text import ImageTextTask
-from xllm.zoo.tiny_chatglm import CONTROL_PIECES, TOKENIZER_FILE, TinyChatGLMRecipe, alike, build_chatglm_llm
+from xllm.zoo.tiny_chatglm import CONTROL_PIECES, LOOKS, TOKENIZER_FILE, TinyChatGLMRecipe, alike, build_chatglm_llm
 
 SPAN = "<Image><ImageHere></Image>"
 MICRO_CHATGLM = dict(steps=2, batch_size=4, hidden_size=32, num_layers=2, num_heads=2, inner_hidden_size=64,
@@ -65,7 +65,8 @@ def world_captions(n: int) -> list:
 
 def test_alike_scenes_differ_in_one_attribute_only():
     rng = random.Random(0)
-    attributes = ("kind", "colour", "size")
+    assert set(LOOKS) == {"kind", "colour", "size"}
+    attributes = LOOKS
     for _ in range(50):
         scene = sample_scene(rng)
         same = alike(scene, rng)

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from xllm.datasets.world.scenes import (COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, caption_en, caption_zh,
-                                        sample_scene)
+from xllm.datasets.world.scenes import ATTRIBUTES, COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, sample_scene
+from xllm.datasets.world.scenes import caption as scene_caption
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
@@ -48,6 +48,7 @@ USER_PIECES = ("<n>", "<|tab|>", *(f"<|blank_{k}|>" for k in range(2, MAX_BLANK_
 DESCRIBE_ZH = ("请描述这张图片。", "描述这张图片。", "图片里有什么？")
 DESCRIBE_EN = ("Describe the image.", "What is in the picture?")
 IMAGE_MARKER = marker("image")
+LOOKS = tuple(name for name in ATTRIBUTES if name != "position")  # what an alike scene's shapes share but one of
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share:
     if rng.random() < recipe.alike_share:
         scene = alike(scene, rng)
     english = rng.random() < english_share
-    caption = caption_en(scene) if english else caption_zh(scene)
+    lang = "en" if english else "zh"
+    caption = scene_caption(scene, lang)
     question = rng.choice(DESCRIBE_EN if english else DESCRIBE_ZH)
     draw = rng.random()
     if draw < copy_share:
@@ -126,7 +128,7 @@ def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share:
             # The shapes in another order: the answer has to find each one by its position word, as it must in
             # an interface's query vectors, which are a set (see docs/chatglm.md).
             shuffled = Scene(tuple(rng.sample(scene.shapes, len(scene.shapes))))
-            span = caption_en(shuffled) if english else caption_zh(shuffled)
+            span = scene_caption(shuffled, lang)
         return Document(f"{media_span('image')}{separator}{question}", caption, span_text=span)
     if draw < copy_share + lookup_share and not english:
         # One shape's attributes, found by its position: the reading that copying a caption of several shapes
@@ -139,8 +141,8 @@ def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share:
 
 def alike(scene: Scene, rng: random.Random) -> Scene:
     """The scene with every shape's attributes but one (and its position) set to the first shape's."""
-    first, varying = scene.shapes[0], rng.choice(("kind", "colour", "size"))
-    shared = {name: getattr(first, name) for name in ("kind", "colour", "size") if name != varying}
+    first, varying = scene.shapes[0], rng.choice(LOOKS)
+    shared = {name: getattr(first, name) for name in LOOKS if name != varying}
     return Scene(tuple(dataclasses.replace(shape, **shared) for shape in scene.shapes))
 
 
