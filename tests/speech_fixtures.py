@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from xllm.datasets.world.speech_corpus import WorldSpeechSpec, ensure_corpus
+from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus
 from xllm.models.encoders.whisper import tiny_whisper_config
 
 MICRO_SPEECH_SPEC = dict(seed=0, num_train=24, num_val=4, zh_ratio=0.25)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import MICRO_QFORMER
 from xllm.common.config import LLMConfig, load_config, resolve_model
 from xllm.datasets.build import build_split
-from xllm.datasets.world.scenes import caption_en, caption_zh, sample_scene
+from xllm.world.scenes import caption_en, caption_zh, sample_scene
 from xllm.models.builder import build_model
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.models.llm.chatglm_backend import ChatGLMBackend

@@ -15,8 +15,8 @@ from xllm.common.paths import configs_dir
 from xllm.datasets.build import build_split
 from xllm.datasets.builders.masr import scene_image
 from xllm.datasets.collate import collate
-from xllm.datasets.world.scenes import Scene, parse_caption
-from xllm.datasets.world.speech_corpus import WorldSpeechSpec, spoken_scenes
+from xllm.world.scenes import Scene, parse_caption
+from xllm.world.speech_corpus import WorldSpeechSpec, spoken_scenes
 from xllm.models.builder import build_model
 from xllm.models.trainable import apply_trainable
 from xllm.processors.image import ImageProcessor

@@ -9,8 +9,8 @@ import torch
 from xllm.common.config import resolve_datasets, resolve_model
 from xllm.datasets.build import build_split
 from xllm.datasets.collate import collate
-from xllm.datasets.world.device import CHANNELS, STATES, answer, command_report, parse_command, sample_status
-from xllm.datasets.world.signals import WorldSignalSpec, generate_records
+from xllm.world.device import CHANNELS, STATES, answer, command_report, parse_command, sample_status
+from xllm.world.signals import WorldSignalSpec, generate_records
 from xllm.models.builder import build_model
 from xllm.models.interfaces.sequence import SequenceInterface
 from xllm.models.trainable import apply_trainable

@@ -12,7 +12,7 @@ from xllm.common.config import resolve_datasets
 from xllm.common.registry import registry
 from xllm.datasets.builders.speech_instruction import default_prompts
 from xllm.datasets.collate import collate
-from xllm.datasets.world.speech_corpus import WorldSpeechSpec, utterances
+from xllm.world.speech_corpus import WorldSpeechSpec, utterances
 from xllm.processors.audio import SAMPLE_RATE, log_mel
 
 import xllm.registration  # noqa: F401

@@ -15,8 +15,8 @@ from xllm.common.checkpoint import weights_path
 from xllm.common.config import load_config
 from xllm.datasets.build import build_split
 from xllm.datasets.collate import collate
-from xllm.datasets.world.render import render
-from xllm.datasets.world.scenes import sample_scene
+from xllm.world.render import render
+from xllm.world.scenes import sample_scene
 from xllm.models.builder import build_model
 from xllm.models.trainable import apply_trainable
 from xllm.processors.image import ImageProcessor

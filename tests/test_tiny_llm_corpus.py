@@ -5,7 +5,7 @@ import random
 import pytest
 from omegaconf import OmegaConf
 
-from xllm.datasets.world.scenes import caption_en, caption_zh, sample_scene
+from xllm.world.scenes import caption_en, caption_zh, sample_scene
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.models.llm.hf_causal import HFCausalLM
 from xllm.models.xllm import marker, media_span

@@ -11,9 +11,9 @@ import torch
 from xllm.common.config import resolve_datasets, resolve_model
 from xllm.datasets.build import build_split
 from xllm.datasets.collate import collate
-from xllm.datasets.world.motion import (Motion, motion_caption_en, motion_caption_zh, motion_report, parse_motion,
+from xllm.world.motion import (Motion, motion_caption_en, motion_caption_zh, motion_report, parse_motion,
                                        sample_motion, shift)
-from xllm.datasets.world.videos import WorldVideoSpec, generate_records, render_frames, write_mp4
+from xllm.world.videos import WorldVideoSpec, generate_records, render_frames, write_mp4
 from xllm.models.builder import build_model
 from xllm.models.trainable import apply_trainable
 from xllm.processors.video import VideoError, VideoProcessor, fps_indices, read_frames, uniform_indices

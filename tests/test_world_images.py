@@ -3,8 +3,8 @@ import random
 
 import webdataset as wds
 
-from xllm.datasets.world.images import WorldImageSpec, generate_records, write_world_images
-from xllm.datasets.world.scenes import Scene, caption_en, caption_zh, parse_caption, sample_scene
+from xllm.world.images import WorldImageSpec, generate_records, write_world_images
+from xllm.world.scenes import Scene, caption_en, caption_zh, parse_caption, sample_scene
 
 
 def test_captions_parse_back_to_their_scene():

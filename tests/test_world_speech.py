@@ -6,8 +6,8 @@ import pytest
 import soundfile as sf
 
 from xllm.datasets.builders.asr import read_kaldi_dir, read_manifest, read_table
-from xllm.datasets.world import speech
-from xllm.datasets.world.speech import synthesize
+from xllm.world import speech
+from xllm.world.speech import synthesize
 
 needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)"

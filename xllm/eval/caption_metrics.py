@@ -11,7 +11,7 @@ import math
 import re
 from collections import Counter
 
-from xllm.datasets.world.scenes import ATTRIBUTES, parse_caption
+from xllm.world.scenes import ATTRIBUTES, parse_caption
 
 
 def tokens(text: str, lang: str) -> list[str]:

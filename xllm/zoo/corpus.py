@@ -17,9 +17,9 @@ import random
 from dataclasses import replace
 from functools import lru_cache
 
-from xllm.datasets.world.device import answer, sample_status
-from xllm.datasets.world.motion import motion_caption_en, sample_motion
-from xllm.datasets.world.scenes import POSITIONS, Scene, caption_en, caption_zh, question_answers, sample_scene
+from xllm.world.device import answer, sample_status
+from xllm.world.motion import motion_caption_en, sample_motion
+from xllm.world.scenes import POSITIONS, Scene, caption_en, caption_zh, question_answers, sample_scene
 from xllm.zoo.tiny_chatglm import WORDS_ZH
 
 DESCRIBE_EN = ("Describe the image.", "What is in the picture?", "Describe the scene briefly.")

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from xllm.datasets.builders.asr import read_manifest
-from xllm.datasets.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
+from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
 from xllm.eval.asr_metrics import cer
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, tiny_whisper_config
 from xllm.processors.audio import AudioProcessor, collate_audio

@@ -22,8 +22,8 @@ from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from xllm.common.paths import cache_dir
-from xllm.datasets.world.render import RENDER_VERSION, render
-from xllm.datasets.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
+from xllm.world.render import RENDER_VERSION, render
+from xllm.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.processors.image import ImageProcessor
 from xllm.runners.runner import lr_factor

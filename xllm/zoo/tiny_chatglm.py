@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from xllm.datasets.world.scenes import ATTRIBUTES, COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, sample_scene
-from xllm.datasets.world.scenes import caption as scene_caption
+from xllm.world.scenes import ATTRIBUTES, COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, sample_scene
+from xllm.world.scenes import caption as scene_caption
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from xllm.models.llm.chatglm_backend import ChatGLMBackend

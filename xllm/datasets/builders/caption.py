@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from xllm.common.paths import cache_dir
 from xllm.common.registry import registry
-from xllm.datasets.world.images import WorldImageSpec, write_world_images
+from xllm.world.images import WorldImageSpec, write_world_images
 from xllm.processors.image import ImageProcessor
 
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ from xllm.common.registry import registry
 from xllm.datasets.builders.asr import ASRRecord
 from xllm.datasets.builders.speech_instruction import (SpeechInstructionDataset, WorldSpeechBuilder,
                                                        WorldSpeechConfig, prompts_of)
-from xllm.datasets.world.render import render
-from xllm.datasets.world.scenes import Scene, caption
-from xllm.datasets.world.speech_corpus import spoken_scenes
+from xllm.world.render import render
+from xllm.world.scenes import Scene, caption
+from xllm.world.speech_corpus import spoken_scenes
 from xllm.processors.audio import AudioProcessor
 from xllm.processors.image import ImageProcessor
 

@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 
 from xllm.common.registry import registry
 from xllm.datasets.builders.caption import prepare_storage, read_json_list
-from xllm.datasets.world.device import CHANNEL_MEAN, CHANNEL_STD, command_report, parse_command
-from xllm.datasets.world.signals import WorldSignalSpec, write_world_signals
+from xllm.world.device import CHANNEL_MEAN, CHANNEL_STD, command_report, parse_command
+from xllm.world.signals import WorldSignalSpec, write_world_signals
 from xllm.eval.caption_metrics import caption_report
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from xllm.common.registry import registry
 from xllm.datasets.builders.asr import ASRBuilder, ASRBuilderConfig, ASRRecord, read_manifest
-from xllm.datasets.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
+from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
 from xllm.eval.asr_metrics import asr_report
 from xllm.processors.audio import AudioProcessor
 

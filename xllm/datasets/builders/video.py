@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 
 from xllm.common.registry import registry
 from xllm.datasets.builders.caption import check_on_bad_sample, prepare_storage, read_caption_records
-from xllm.datasets.world.motion import motion_report
-from xllm.datasets.world.videos import WorldVideoSpec, write_world_videos
+from xllm.world.motion import motion_report
+from xllm.world.videos import WorldVideoSpec, write_world_videos
 from xllm.eval.caption_metrics import caption_report
 from xllm.processors.video import VideoProcessor
 

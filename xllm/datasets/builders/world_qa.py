@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from xllm.common.registry import registry
 from xllm.datasets.builders.caption import (CaptionBuilderConfig, check_on_bad_sample, prepare_storage,
                                            read_caption_records)
-from xllm.datasets.world.scenes import NUMBER_ZH
+from xllm.world.scenes import NUMBER_ZH
 from xllm.eval.caption_metrics import caption_report
 from xllm.processors.image import ImageProcessor
 

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from xllm.common.paths import cache_dir
-from xllm.datasets.world.scenes import Scene, caption, sample_scene
-from xllm.datasets.world.speech import synthesize
+from xllm.world.scenes import Scene, caption, sample_scene
+from xllm.world.speech import synthesize
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from xllm.datasets.world.render import RENDER_VERSION, render
-from xllm.datasets.world.scenes import Scene, caption_en, caption_zh, question_answers, sample_scene
+from xllm.world.render import RENDER_VERSION, render
+from xllm.world.scenes import Scene, caption_en, caption_zh, question_answers, sample_scene
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

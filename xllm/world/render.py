@@ -7,7 +7,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from xllm.datasets.world.scenes import POSITIONS, Scene, Shape
+from xllm.world.scenes import POSITIONS, Scene, Shape
 
 RGB = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230),

@@ -12,7 +12,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from xllm.datasets.world.device import CHANNELS, STATES, answer, sample_status
+from xllm.world.device import CHANNELS, STATES, answer, sample_status
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -11,7 +11,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
-from xllm.datasets.world.scenes import COLOUR_ZH, COLOURS, KIND_ZH, KINDS, POSITIONS, SIZES, Shape
+from xllm.world.scenes import COLOUR_ZH, COLOURS, KIND_ZH, KINDS, POSITIONS, SIZES, Shape
 
 DIRECTIONS = ("left", "right", "up", "down")
 STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (column, row) per cell moved

@@ -18,8 +18,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xllm.datasets.world.motion import Motion, motion_caption_en, motion_caption_zh, sample_motion
-from xllm.datasets.world.render import RENDER_VERSION, cell_center, draw_shape
+from xllm.world.motion import Motion, motion_caption_en, motion_caption_zh, sample_motion
+from xllm.world.render import RENDER_VERSION, cell_center, draw_shape
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
