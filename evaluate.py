@@ -11,14 +11,16 @@ from pathlib import Path
 
 import torch
 
-from xllm.common.config import load_config, save_config
+from xllm import zoo
+from xllm.common.config import save_config
 from xllm.common.dist import pick_device
 from xllm.common.logging import setup_logging
-from xllm.common.registry import registry
+from xllm.config import load_config
 from xllm.datasets.build import build_split
+from xllm.datasets.loader import evaluation_loader
 from xllm.eval.caption_metrics import format_table
 from xllm.models.builder import build_model
-from xllm import zoo
+from xllm.tasks.registry import TASKS
 
 
 def main() -> None:
@@ -30,22 +32,26 @@ def main() -> None:
     setup_logging()
     options = args.options + ([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [])
     cfg = load_config(args.cfg_path, options)
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    torch.manual_seed(cfg.run.seed)
+    run = cfg.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    torch.manual_seed(run.seed)
     zoo.ensure(cfg)
-    output_dir = Path(cfg.run.output_dir)
+    output_dir = Path(run.output_dir)
     save_config(cfg, output_dir)
-    model = build_model(cfg.model).to(pick_device(cfg.run.device)).eval()
-    task = registry.get("task", cfg.run.task)(cfg.run)
+    model = build_model(cfg.model).to(pick_device(run.device)).eval()
+    task = TASKS.get(run.task)(run)
+    collator = task.collator(model, training=False)
     report = {}
     with (output_dir / "predictions.jsonl").open("w") as predictions:
-        for name, dataset in build_split(cfg.datasets, cfg.run.eval_split).items():
-            metrics, rows = task.evaluate(model, dataset, cfg.datasets[name].lang)
+        for name, dataset in build_split(cfg.datasets, run.eval_split).items():
+            loader = evaluation_loader(dataset, collator, run.eval_batch_size, run.num_workers)
+            entry = cfg.datasets[name]
+            metrics, rows = task.evaluate(model, loader, entry.metric, entry.get("lang", "en"))
             report[name] = metrics
             for row in rows:
                 predictions.write(json.dumps({"dataset": name, **row}, ensure_ascii=False) + "\n")
-            print(format_table(metrics, f"{name} ({cfg.run.eval_split} split, checkpoint {cfg.model.checkpoint})"))
+            print(format_table(metrics, f"{name} ({run.eval_split} split, checkpoint {cfg.model.checkpoint})"))
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(f"report written to {output_dir / 'report.json'}")
 

@@ -7,15 +7,17 @@ import random
 
 import torch
 
-from xllm.common import dist
-from xllm.common.config import load_config, save_config
-from xllm.common.logging import setup_logging
-from xllm.common.registry import registry
-from xllm.datasets.build import build_split
-from xllm.models.builder import build_model
-from xllm.datasets.mixture import concat, training_set
-from xllm.runners.runner import Runner
 from xllm import zoo
+from xllm.common import dist
+from xllm.common.config import save_config
+from xllm.common.logging import setup_logging
+from xllm.config import load_config
+from xllm.datasets.build import build_split
+from xllm.datasets.loader import evaluation_loader, training_loader
+from xllm.datasets.mixture import concat, training_set
+from xllm.models.builder import build_model
+from xllm.runners.runner import Runner
+from xllm.tasks.registry import TASKS
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,23 +33,28 @@ def main() -> None:
     args = parse_args()
     setup_logging()
     cfg = load_config(args.cfg_path, args.options)
+    run = cfg.run
     if args.resume:
-        cfg.run.resume = args.resume
+        run.resume = args.resume
     dist.init_distributed()
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    random.seed(cfg.run.seed + dist.rank())
-    torch.manual_seed(cfg.run.seed + dist.rank())
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    random.seed(run.seed + dist.rank())
+    torch.manual_seed(run.seed + dist.rank())
     zoo.ensure(cfg)
     if dist.is_main():
-        print(f"config saved to {save_config(cfg, cfg.run.output_dir)}")
+        print(f"config saved to {save_config(cfg, run.output_dir)}")
     model = build_model(cfg.model)
-    task = registry.get("task", cfg.run.task)(cfg.run)
-    train_set = training_set(build_split(cfg.datasets, "train"), cfg.datasets, cfg.run.seed)
-    val_sets = build_split(cfg.datasets, "val")
-    runner = Runner(cfg, model, task, train_set, concat(list(val_sets.values())))
-    if cfg.run.resume:
-        runner.resume(cfg.run.resume)
+    task = TASKS.get(run.task)(run)
+    train_set = training_set(build_split(cfg.datasets, "train"), cfg.datasets, run.seed)
+    train_loader = training_loader(train_set, task.collator(model, training=True), run.batch_size, run.seed,
+                                   run.num_workers)
+    val_set = concat(list(build_split(cfg.datasets, "val").values()))
+    val_loader = evaluation_loader(val_set, task.collator(model, training=True), run.eval_batch_size,
+                                   run.num_workers)
+    runner = Runner(run, model, task, train_loader, val_loader)
+    if run.resume:
+        runner.resume(run.resume)
     checkpoint = runner.train()
     if dist.is_main():
         print(f"trained weights: {checkpoint}")

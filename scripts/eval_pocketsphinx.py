@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 
 from xllm import zoo
-from xllm.common.config import load_config
 from xllm.common.dist import pick_device
-from xllm.common.registry import registry
+from xllm.config import load_config
 from xllm.datasets.builders.asr import ASRRecord
 from xllm.datasets.builders.speech_instruction import SpeechInstructionDataset, default_prompts
+from xllm.datasets.loader import evaluation_loader
 from xllm.eval.caption_metrics import format_table
 from xllm.models.builder import build_model
 from xllm.processors.audio import AudioProcessor
+from xllm.tasks.registry import TASKS
 
 DEFAULT_ROOT = Path("/usr/share/pocketsphinx/test/data")
 # (folder, transcript file) of each set with WAV audio; the other sets hold raw or pre-computed features.
@@ -79,8 +80,9 @@ def main() -> None:
     audio = {"max_seconds": model.encoders["speech"].window_frames / 100}
     dataset = SpeechInstructionDataset(pocketsphinx_records(args.data_root), AudioProcessor.from_config(audio),
                                        default_prompts(), "en", training=False)
-    task = registry.get("task", cfg.run.task)(cfg.run)
-    metrics, rows = task.evaluate(model, dataset, "en")
+    task = TASKS.get(cfg.run.task)(cfg.run)
+    loader = evaluation_loader(dataset, task.collator(model, training=False), cfg.run.eval_batch_size)
+    metrics, rows = task.evaluate(model, loader, "asr", "en")
     for row in rows:
         print(f"{row['id']}\n  ref: {row['reference']}\n  hyp: {row['prediction']}")
     print(format_table(metrics, f"pocketsphinx-testdata ({len(rows)} utterances, checkpoint {cfg.model.checkpoint})"))

@@ -6,7 +6,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from xllm.common.registry import registry
+from xllm.datasets.registry import BUILDERS
+from xllm.common.config import ConfigError
+from xllm.datasets.builders.speech_instruction import ASRInstructionBuilder
+from xllm.datasets.config import resolve_datasets
 from xllm.datasets.builders.asr import ASRBuilder, ASRDataset, read_aishell1, read_aishell2, read_kaldi_dir, read_manifest
 from xllm.processors.audio import AudioProcessor
 
@@ -123,11 +126,12 @@ def test_dataset_returns_features(tmp_path):
 
 def test_registered_builder(tmp_path):
     kaldi_dir(tmp_path / "dev", ["a", "b", "c"], ["a", "b", "c"])
-    builder_class = registry.get("builder", "asr")
-    assert builder_class is ASRBuilder
-    config = ASRBuilder.Config(storage=str(tmp_path), audio={"feature": "fbank", "n_mels": 40}, max_samples=2)
+    builder_class = BUILDERS.get("asr_instruction")
+    assert builder_class is ASRInstructionBuilder and issubclass(builder_class, ASRBuilder)
+    config = resolve_datasets({"d": {"builder": "asr_instruction", "storage": str(tmp_path),
+                                     "audio": {"feature": "fbank", "n_mels": 40}, "max_samples": 2}}).d
     dataset = builder_class(config).build("dev")
     assert len(dataset) == 2
-    assert dataset[0]["features"].shape == (40, 1 + (4800 - 400) // 160)
-    with pytest.raises(ValueError, match="layout"):
-        ASRBuilder(ASRBuilder.Config(storage=str(tmp_path), layout="csv"))
+    assert dataset[0]["speech"].shape == (40, 1 + (4800 - 400) // 160)
+    with pytest.raises(ConfigError, match="datasets.d.layout' must be one of 'kaldi'"):
+        resolve_datasets({"d": {"builder": "asr_instruction", "storage": str(tmp_path), "layout": "csv"}})

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 from transformers import WhisperFeatureExtractor
 
-from xllm.common.registry import registry
+from xllm.processors.registry import PROCESSORS
 from xllm.processors.audio import AudioProcessor, collate_audio, fbank, load_audio, log_mel, resample
 
 
@@ -162,7 +162,7 @@ def test_collate_audio():
 
 
 def test_processor_registered_and_config_checked():
-    assert registry.get("processor", "audio") is AudioProcessor
+    assert PROCESSORS.get("audio") is AudioProcessor
     with pytest.raises(ValueError, match="n_mel"):
         AudioProcessor.from_config({"n_mel": 80})
     with pytest.raises(ValueError, match="feature"):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 
@@ -6,10 +7,11 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from xllm.common.config import resolve_datasets
-from xllm.common.registry import registry
+from xllm.common.config import ConfigError
+from xllm.datasets.config import resolve_datasets
+from xllm.datasets.registry import BUILDERS
 from xllm.datasets.build import build_split
-from xllm.datasets.collate import collate
+from xllm.processors.collator import Collator
 from xllm.processors.image import ImageProcessor
 
 
@@ -57,8 +59,9 @@ def test_samples_and_batches(tmp_path):
                     prompts=["<Image><ImageHere></Image> Say."])
     sample = dataset[0]
     assert sample["image"].shape == (3, 16, 16) and sample["answer"] == "a red thing" and sample["id"] == "7"
-    batch = collate([dataset[0], dataset[1]])
-    assert batch["image"].shape == (2, 3, 16, 16) and batch["prompt"] == ["<Image><ImageHere></Image> Say."] * 2
+    assert [dataset[i]["prompt"] for i in range(2)] == ["<Image><ImageHere></Image> Say."] * 2
+    batch = Collator(["image"])([dataset[0], dataset[1]])
+    assert batch.media["image"].shape == (2, 3, 16, 16) and batch.ids == ["7", "7"]
 
 
 def test_image_processor_normalises_like_clip():
@@ -77,7 +80,7 @@ def test_webdataset_builder_reads_the_same_world(micro_world):
 
 
 @pytest.mark.parametrize("name", ["coco_caption", "webdataset_caption", "video_caption", "world_qa"])
-def test_an_unknown_on_bad_sample_is_refused_when_the_builder_is_made(name):
-    builder = registry.get("builder", name)
-    with pytest.raises(ValueError, match="on_bad_sample must be 'error' or 'skip', got 'skipp'"):
-        builder(OmegaConf.structured(builder.Config(on_bad_sample="skipp")))
+def test_an_unknown_on_bad_sample_is_refused_when_the_config_loads(name):
+    assert "on_bad_sample" in {f.name for f in dataclasses.fields(BUILDERS.get(name).Config)}
+    with pytest.raises(ConfigError, match="datasets.d.on_bad_sample' must be one of 'error', 'skip', got 'skipp'"):
+        resolve_datasets(OmegaConf.create({"d": {"builder": name, "on_bad_sample": "skipp"}}))

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from xllm.common.registry import registry
-from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT
+from xllm.models.registry import LLMS
+from xllm.processors.batch import IGNORE_INDEX, MEDIA_SLOT
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
 
 GMASK, SOP, EOP, PAD = 130001, 130004, 130005, 3
@@ -49,45 +49,33 @@ def media_prompts(backend):
     queries = [("这张图片里有什么？", "一只猫坐在桌子上。"), ("Describe it.", "A red square.")]
     prompts, answers, counts = [], [], []
     for i, (query, answer) in enumerate(queries):
-        text = backend.format_prompt(query)
+        text = backend.layout.format_prompt(query)
         counts.append(3 + i)
-        prompts.append(backend.tokenize("<Image>") + [MEDIA_SLOT] * counts[-1] + backend.tokenize("</Image>" + text))
+        prompts.append(backend.layout.tokenize("<Image>") + [MEDIA_SLOT] * counts[-1] + backend.layout.tokenize("</Image>" + text))
         answers.append(answer)
     media = torch.randn(sum(counts), backend.hidden_size, generator=torch.Generator().manual_seed(1))
     return prompts, answers, media, counts
 
 
 def test_registered():
-    assert registry.get("llm", "chatglm") is ChatGLMBackend
+    assert LLMS.get("chatglm") is ChatGLMBackend
 
 
 def test_prompt_format(backend):
-    assert backend.format_prompt("图里有什么？") == "问：图里有什么？\n答："
-    assert backend.format_prompt("还有呢？", [("图里有什么？", "一只猫。")]) == (
+    assert backend.layout.format_prompt("图里有什么？") == "问：图里有什么？\n答："
+    assert backend.layout.format_prompt("还有呢？", [("图里有什么？", "一只猫。")]) == (
         "[Round 0]\n问：图里有什么？\n答：一只猫。\n[Round 1]\n问：还有呢？\n答："
     )
 
 
 def test_sequence_layout_and_labels(backend):
-    prompt = backend.tokenize("问：看") + [MEDIA_SLOT, MEDIA_SLOT] + backend.tokenize("\n答：")
-    answer = backend.tokenize("一只猫。")
-    ids, labels = backend.build_sequence(prompt, "一只猫。")
+    prompt = backend.layout.tokenize("问：看") + [MEDIA_SLOT, MEDIA_SLOT] + backend.layout.tokenize("\n答：")
+    answer = backend.layout.tokenize("一只猫。")
+    ids, labels = backend.layout.build_sequence(prompt, "一只猫。")
     assert ids == prompt + [GMASK, SOP] + answer + [EOP]
     assert labels == [IGNORE_INDEX] * (len(prompt) + 2) + answer + [EOP]
-    ids, labels = backend.build_sequence(prompt, None)
+    ids, labels = backend.layout.build_sequence(prompt, None)
     assert ids == prompt + [GMASK, SOP] and set(labels) == {IGNORE_INDEX}
-
-
-def test_prompt_overflow(backend, caplog):
-    model, tokenizer = backend.model, backend.tokenizer
-    prompt = [MEDIA_SLOT] * 2 + list(range(10, 20))
-    with pytest.raises(ValueError, match="12 \\+ 2 tokens exceeds max_prompt_length=8"):
-        ChatGLMBackend(model, tokenizer, max_prompt_length=8).build_sequence(prompt, None)
-    truncating = ChatGLMBackend(model, tokenizer, max_prompt_length=8, overflow="truncate")
-    with pytest.raises(ValueError, match="media span"):
-        truncating.build_sequence(prompt, None)
-    ids, _ = truncating.build_sequence(list(range(10, 20)), None)
-    assert ids == list(range(14, 20)) + [GMASK, SOP] and "truncated to its last 6" in caplog.text
 
 
 def test_model_and_tokenizer_must_agree(backend, assets):
@@ -98,7 +86,7 @@ def test_model_and_tokenizer_must_agree(backend, assets):
 
 def test_left_padded_rows_compute_what_they_compute_alone(backend, media_prompts):
     prompts, answers, media, counts = media_prompts
-    rows = [backend.build_sequence(prompt, answer) for prompt, answer in zip(prompts, answers)]
+    rows = [backend.layout.build_sequence(prompt, answer) for prompt, answer in zip(prompts, answers)]
     input_ids, embeds, attention_mask, labels = left_pad_batch(backend, rows, media)
     with torch.no_grad():
         batch = backend(input_ids, embeds, attention_mask, labels)
@@ -115,7 +103,7 @@ def test_left_padded_rows_compute_what_they_compute_alone(backend, media_prompts
 
 
 def test_inputs_embeds_equal_input_ids(backend):
-    rows = [backend.build_sequence(backend.tokenize(backend.format_prompt(q)), None) for q in ("你好", "早上好啊")]
+    rows = [backend.layout.build_sequence(backend.layout.tokenize(backend.layout.format_prompt(q)), None) for q in ("你好", "早上好啊")]
     input_ids, embeds, attention_mask, _ = left_pad_batch(backend, rows, None)
     with torch.no_grad():
         via_embeds = backend(input_ids, embeds, attention_mask).logits
@@ -125,7 +113,7 @@ def test_inputs_embeds_equal_input_ids(backend):
 
 def test_left_padded_generation_equals_each_row_alone(backend, media_prompts):
     prompts, _, media, counts = media_prompts
-    rows = [backend.build_sequence(prompt, None) for prompt in prompts]
+    rows = [backend.layout.build_sequence(prompt, None) for prompt in prompts]
     input_ids, embeds, attention_mask, _ = left_pad_batch(backend, rows, media)
     generated = backend.generate(input_ids, embeds, attention_mask, max_new_tokens=6)
     offset = 0
@@ -145,16 +133,16 @@ def test_generation_stops_at_eop(assets):
         final = backend.model.transformer.final_layernorm
         final.weight.zero_()
         final.bias.copy_(backend.model.transformer.word_embeddings.weight[EOP] * 10)
-    rows = [backend.build_sequence(backend.tokenize(backend.format_prompt(q)), None) for q in ("你好", "再见吧")]
+    rows = [backend.layout.build_sequence(backend.layout.tokenize(backend.layout.format_prompt(q)), None) for q in ("你好", "再见吧")]
     input_ids, embeds, attention_mask, _ = left_pad_batch(backend, rows, None)
     assert backend.generate(input_ids, embeds, attention_mask, max_new_tokens=5) == [[], []]
-    assert backend.decode(backend.tokenize("好的") + [EOP] + backend.tokenize("多余")) == "好的"
+    assert backend.decode(backend.layout.tokenize("好的") + [EOP] + backend.layout.tokenize("多余")) == "好的"
 
 
 def test_frozen_model_passes_gradients_to_inputs_embeds(assets, media_prompts):
     prompts, answers, media, _ = media_prompts
     backend = ChatGLMBackend.from_random(tiny_config(assets), assets)
-    rows = [backend.build_sequence(prompt, answer) for prompt, answer in zip(prompts, answers)]
+    rows = [backend.layout.build_sequence(prompt, answer) for prompt, answer in zip(prompts, answers)]
     for parameter in backend.parameters():
         parameter.requires_grad_(False)
     input_ids, _, attention_mask, labels = left_pad_batch(backend, rows, None)

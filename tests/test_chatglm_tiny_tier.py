@@ -11,15 +11,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import MICRO_QFORMER
-from xllm.common.config import LLMConfig, load_config, resolve_model
+from xllm.config import load_config
+from xllm.models.config import LLMConfig, resolve_model
 from xllm.datasets.build import build_split
+from xllm.datasets.loader import training_loader
 from xllm.world.scenes import caption_en, caption_zh, sample_scene
 from xllm.models.builder import build_model
-from xllm.models.llm.base import IGNORE_INDEX
+from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer
 from xllm.runners.runner import Runner
-from xllm.tasks.image_text import ImageTextTask
+from xllm.tasks.base import LLMTask
 from xllm.zoo.tiny_chatglm import CONTROL_PIECES, LOOKS, TOKENIZER_FILE, TinyChatGLMRecipe, alike, build_chatglm_llm
 
 SPAN = "<Image><ImageHere></Image>"
@@ -83,7 +85,7 @@ def test_tokenizer_round_trips_the_worlds_captions(chatglm_folder):
     backend = ChatGLMBackend.from_pretrained(chatglm_folder)
     for scene in world_captions(50):
         for caption in (caption_zh(scene), caption_en(scene)):
-            ids = backend.tokenize(caption)
+            ids = backend.layout.tokenize(caption)
             assert backend.tokenizer.unk_token_id not in ids
             assert backend.decode(ids) == caption
 
@@ -132,31 +134,57 @@ def test_prompt_layout_and_labels(model):
     tokenizer = llm.tokenizer
     samples = {"image": images(2), "prompt": [f"{SPAN}请描述这张图片。", f"看：{SPAN}"],
                "answer": ["中间有一个小的红色圆形。", "左侧有一个大的蓝色星形。"]}
-    media = model.encode_media(samples)
-    batch = model.assemble(samples, media, with_answers=True)
+    batch = model.make_batch(samples, with_answers=True)
+    inputs = model.splice(batch, model.encode(batch))
     queries = MICRO_QFORMER["num_query_tokens"]
+    layout = llm.layout
     for row, (prompt, answer) in enumerate(zip(samples["prompt"], samples["answer"])):
-        before, after = llm.format_prompt(prompt).split("<ImageHere>")
-        real = batch.attention_mask[row].bool()
-        ids, slots, labels = batch.input_ids[row][real], batch.slots[row][real], batch.labels[row][real]
-        answer_ids = llm.tokenize(answer) + [tokenizer.eos_token_id]
-        expected = (llm.tokenize(before) + [llm.pad_token_id] * queries + llm.tokenize(after)
+        before, after = layout.format_prompt(prompt).split("<ImageHere>")
+        real = inputs.attention_mask[row].bool()
+        ids, slots, labels = inputs.input_ids[row][real], inputs.media_positions[row][real], inputs.labels[row][real]
+        answer_ids = layout.tokenize(answer) + [tokenizer.eos_token_id]
+        expected = (layout.tokenize(before) + [layout.pad_token_id] * queries + layout.tokenize(after)
                     + [tokenizer.gmask_token_id, tokenizer.bos_token_id] + answer_ids)
         assert ids.tolist() == expected
-        start = len(llm.tokenize(before))
+        start = len(layout.tokenize(before))
         assert slots.nonzero().flatten().tolist() == list(range(start, start + queries))
         assert labels.tolist() == [IGNORE_INDEX] * (len(expected) - len(answer_ids)) + answer_ids
-    assert llm.format_prompt(samples["prompt"][0]) == f"问：{SPAN}请描述这张图片。\n答："
+    assert layout.format_prompt(samples["prompt"][0]) == f"问：{SPAN}请描述这张图片。\n答："
+
+
+def test_prompt_overflow_keeps_the_prompts_end_and_its_gmask_sop(model, caplog):
+    tokenizer = model.llm.tokenizer
+    queries = MICRO_QFORMER["num_query_tokens"]
+    text = {"prompt": ["很长的问题" * 6], "answer": ["好。"]}
+    batch = model.make_batch(text, with_answers=True)
+    prompt = batch.input_ids[0][(batch.attention_mask[0] == 1) & (batch.labels[0] == IGNORE_INDEX)].tolist()
+    model.llm.max_prompt_length = 8
+    try:
+        with pytest.raises(ValueError, match=f"a prompt of {len(prompt)} positions exceeds llm.max_prompt_length=8"):
+            model(batch)
+        model.llm.overflow = "truncate"
+        inputs = model.splice(batch, {})
+        kept = inputs.input_ids[0][(inputs.attention_mask[0] == 1) & (inputs.labels[0] == IGNORE_INDEX)].tolist()
+        assert kept == prompt[-8:] and kept[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+        assert "truncated to its last 8" in caplog.text
+        with pytest.raises(ValueError, match="media span"):
+            model(model.make_batch({**text, "image": images(1), "prompt": [SPAN + "很长的问题" * 6]}, True))
+        model.llm.max_prompt_length = queries + 20  # the image and the text after it
+        late = model.make_batch({**text, "image": images(1), "prompt": ["很长的问题" * 6 + SPAN]}, True)
+        assert int(model.splice(late, model.encode(late)).media_positions.sum()) == queries
+    finally:
+        model.llm.max_prompt_length, model.llm.overflow = None, "refuse"
 
 
 def test_media_embeddings_fill_the_slots(model):
     samples = {"image": images(2), "prompt": [f"{SPAN}请描述这张图片。"] * 2, "answer": ["好。", "好的。"]}
-    media = model.encode_media(samples)
-    batch = model.assemble(samples, media, with_answers=True)
-    embeds = model.embed(batch, media)
+    batch = model.make_batch(samples, with_answers=True)
+    media = model.encode(batch)
+    inputs = model.splice(batch, media)
+    slots = inputs.media_positions
     for row in range(2):
-        assert torch.equal(embeds[row][batch.slots[row]], media["image"][row])
-    assert torch.equal(embeds[~batch.slots], model.llm.embed(batch.input_ids)[~batch.slots])
+        assert torch.equal(inputs.inputs_embeds[row][slots[row]], media["image"][row])
+    assert torch.equal(inputs.inputs_embeds[~slots], model.llm.embed(inputs.input_ids)[~slots])
 
 
 def test_left_padded_row_equals_the_row_alone(model):
@@ -164,10 +192,10 @@ def test_left_padded_row_equals_the_row_alone(model):
     answers = ["右上角有一个大的青色菱形，下方有一个小的黄色十字。", "中间有一个小的红色圆形。"]
     pictures = images(2)
     with torch.no_grad():
-        together = model({"image": pictures, "prompt": prompts, "answer": answers})
+        together = model(model.make_batch({"image": pictures, "prompt": prompts, "answer": answers}, True))
         for row in range(2):
-            alone = model({"image": pictures[row:row + 1], "prompt": prompts[row:row + 1],
-                           "answer": answers[row:row + 1]})
+            alone = model(model.make_batch({"image": pictures[row:row + 1], "prompt": prompts[row:row + 1],
+                                            "answer": answers[row:row + 1]}, True))
             width = alone.logits.shape[1]
             assert (together.logits[row, -width:] - alone.logits[0]).abs().max() <= 1e-4
     assert together.loss.isfinite()
@@ -196,7 +224,9 @@ def test_training_steps_change_only_the_trainable_parameters(tmp_path, model_cfg
     torch.manual_seed(0)
     model = build_model(cfg.model)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    runner = Runner(cfg, model, ImageTextTask(cfg.run), build_split(cfg.datasets, "train")["world"], None)
+    loader = training_loader(build_split(cfg.datasets, "train")["world"], model.collator(), cfg.run.batch_size,
+                             cfg.run.seed)
+    runner = Runner(cfg.run, model, LLMTask(cfg.run), loader)
     runner.train()
     after = model.state_dict()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -2,10 +2,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from xllm.common.config import resolve_model
+from xllm.models.config import resolve_model
 from xllm.models import load_model, load_model_and_preprocess
 from xllm.models.builder import build_model
-from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT
+from xllm.processors.batch import IGNORE_INDEX
 
 SPAN = "<Image><ImageHere></Image>"
 
@@ -20,26 +20,30 @@ def images(n: int) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
 
 
+def spliced(model, samples: dict):
+    batch = model.make_batch(samples, with_answers="answer" in samples)
+    media = model.encode(batch)
+    return batch, media, model.splice(batch, media)
+
+
 def test_media_fill_their_marker_positions(model):
     samples = {"image": images(2), "prompt": [f"{SPAN} Describe.", f"Look: {SPAN} and {SPAN}?"][:1] * 2,
                "answer": ["a red circle.", "b."]}
-    media = model.encode_media(samples)
-    batch = model.assemble(samples, media, with_answers=True)
-    embeds = model.embed(batch, media)
+    _, media, inputs = spliced(model, samples)
     queries = model.interfaces["image"].query_tokens.shape[1]
-    assert batch.slots.sum().item() == 2 * queries
+    slots = inputs.media_positions
+    assert slots.sum().item() == 2 * queries
     for row in range(2):
-        assert torch.equal(embeds[row][batch.slots[row]], media["image"][row])
+        assert torch.equal(inputs.inputs_embeds[row][slots[row]], media["image"][row])
     # text positions keep the LLM's own embeddings
-    text = ~batch.slots
-    assert torch.equal(embeds[text], model.llm.embed(batch.input_ids)[text])
+    text = ~slots
+    assert torch.equal(inputs.inputs_embeds[text], model.llm.embed(inputs.input_ids)[text])
 
 
 def test_labels_cover_only_the_answer_and_its_end(model):
     samples = {"image": images(1), "prompt": [f"{SPAN} Describe."], "answer": ["a red circle."]}
-    media = model.encode_media(samples)
-    batch = model.assemble(samples, media, with_answers=True)
-    labels = batch.labels[0][batch.labels[0] != IGNORE_INDEX].tolist()
+    _, _, inputs = spliced(model, samples)
+    labels = inputs.labels[0][inputs.labels[0] != IGNORE_INDEX].tolist()
     tokenizer = model.llm.tokenizer
     assert labels == tokenizer("a red circle.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
@@ -48,27 +52,34 @@ def test_two_images_in_a_multi_turn_prompt_follow_marker_order(model):
     history = [[(f"First {SPAN}", "one.")], [("Hi", "hello.")]]
     samples = {"image": images(3), "prompt": [f"Second {SPAN}", f"{SPAN} Describe."], "history": history,
                "answer": ["two.", "x."]}
-    media = model.encode_media(samples)
-    batch = model.assemble(samples, media, with_answers=True)
-    assert batch.order == [("image", 0), ("image", 1), ("image", 2)]
-    embeds = model.embed(batch, media)
+    batch, media, inputs = spliced(model, samples)
+    assert batch.placeholder_modalities() == ["image", "image", "image"]
     q = media["image"][0].shape[0]
-    first_row = embeds[0][batch.slots[0]]
+    first_row = inputs.inputs_embeds[0][inputs.media_positions[0]]
     assert torch.equal(first_row[:q], media["image"][0]) and torch.equal(first_row[q:], media["image"][1])
+    assert torch.equal(inputs.inputs_embeds[1][inputs.media_positions[1]], media["image"][2])
 
 
 def test_marker_and_media_counts_must_agree(model):
-    with pytest.raises(ValueError, match="2 image inputs given but the prompts hold 1"):
-        model({"image": images(2), "prompt": [f"{SPAN} Describe."], "answer": ["x"]})
-    with pytest.raises(ValueError, match="more <ImageHere> markers than the 1 image inputs"):
-        model({"image": images(1), "prompt": [f"{SPAN}{SPAN}"], "answer": ["x"]})
+    with pytest.raises(ValueError, match="the prompts hold 1 <ImageHere> markers but 2 image inputs were given"):
+        model.make_batch({"image": images(2), "prompt": [f"{SPAN} Describe."], "answer": ["x"]}, with_answers=True)
+    with pytest.raises(ValueError, match="the prompts hold 2 <ImageHere> markers but 1 image inputs were given"):
+        model.make_batch({"image": images(1), "prompt": [f"{SPAN}{SPAN}"], "answer": ["x"]}, with_answers=True)
+    collate = model.collator()
+    sample = {"id": "s7", "image": images(1)[0], "prompt": f"{SPAN}{SPAN} Describe.", "answer": "x"}
+    with pytest.raises(ValueError, match="sample 's7': its prompt holds 2 <ImageHere> markers but the sample has 1"):
+        collate([sample])
+    with pytest.raises(ValueError, match="sample 's8': its prompt holds 0 <ImageHere> markers but the sample has 1"):
+        collate([{**sample, "id": "s8", "prompt": "Describe."}])
+    with pytest.raises(ValueError, match="sample 's9' holds \\['speech'\\], which is neither a text field"):
+        collate([{**sample, "id": "s9", "speech": torch.zeros(80, 10)}])
 
 
 def test_left_padded_row_equals_the_row_alone(model):
     prompts = [f"{SPAN} Describe.", f"Some longer text before {SPAN} and after it, to force padding."]
     pixels = images(2)
-    both = model({"image": pixels, "prompt": prompts, "answer": ["a.", "b c d."]})
-    alone = model({"image": pixels[1:], "prompt": prompts[1:], "answer": ["b c d."]})
+    both = model(model.make_batch({"image": pixels, "prompt": prompts, "answer": ["a.", "b c d."]}, True))
+    alone = model(model.make_batch({"image": pixels[1:], "prompt": prompts[1:], "answer": ["b c d."]}, True))
     width = alone.logits.shape[1]
     assert torch.allclose(both.logits[1, -width:], alone.logits[0], atol=1e-5)
     generated = model.generate({"image": pixels, "prompt": prompts}, max_new_tokens=4)
@@ -78,20 +89,44 @@ def test_left_padded_row_equals_the_row_alone(model):
 def test_prompt_overflow_is_refused_or_truncated(micro_model_cfg):
     cfg = OmegaConf.merge(micro_model_cfg, {"llm": {"max_prompt_length": 12}})
     model = build_model(resolve_model(cfg))
-    with pytest.raises(ValueError, match="exceeds llm.max_prompt_length=12"):
-        model({"image": images(1), "prompt": [f"{SPAN} " + "word " * 20], "answer": ["x"]})
+    queries = model.interfaces["image"].query_tokens.shape[1]
+    long_prompt = {"image": images(1), "prompt": [f"{SPAN} " + "word " * 20], "answer": ["x"]}
+    with pytest.raises(ValueError, match="sample '0': a prompt of .* positions exceeds llm.max_prompt_length=12"):
+        model(model.make_batch(long_prompt, with_answers=True))
     model.llm.overflow = "truncate"
-    assert model.llm.build_sequence([5] * 20, None)[0] == [5] * 12
-    with pytest.raises(ValueError, match="cut a media span"):
-        model.llm.build_sequence([MEDIA_SLOT] * 4 + [5] * 10, None)
+    # the image comes first: keeping the prompt's last 12 positions would drop it
+    with pytest.raises(ValueError, match="sample '0': truncating its .*-position prompt to 12 would cut a media span"):
+        model(model.make_batch(long_prompt, with_answers=True))
+    model.llm.max_prompt_length = queries + 8
+    text_only = model.make_batch({"prompt": ["word " * 30], "answer": ["x"]}, with_answers=True)
+    inputs = model.splice(text_only, {})
+    prompt = (inputs.labels == IGNORE_INDEX) & (inputs.attention_mask == 1)
+    assert prompt.sum().item() == queries + 8
+    kept = inputs.input_ids[prompt].tolist()
+    assert kept == text_only.input_ids[0][text_only.labels[0] == IGNORE_INDEX].tolist()[-(queries + 8):]
+    # an image near the end survives truncation whole, in its place
+    late_image = model.make_batch({"image": images(1), "prompt": ["word " * 30 + SPAN], "answer": ["x"]}, True)
+    media = model.encode(late_image)
+    inputs = model.splice(late_image, media)
+    assert ((inputs.labels == IGNORE_INDEX) & (inputs.attention_mask == 1)).sum().item() == queries + 8
+    assert torch.equal(inputs.inputs_embeds[0][inputs.media_positions[0]], media["image"][0])
+    # the cut falls inside the image's positions: refused
+    real = late_image.attention_mask[0] == 1
+    slot = int((late_image.media_slots[0] >= 0).nonzero())
+    before = int(real[:slot].sum())  # prompt positions before the image
+    prompt_positions = int((real & (late_image.labels[0] == IGNORE_INDEX)).sum()) - 1 + queries
+    model.llm.max_prompt_length = prompt_positions - before - 1  # keeps all but the image's first position
+    with pytest.raises(ValueError, match="would cut a media span"):
+        model.splice(late_image, media)
 
 
 def test_notebook_api_loads_trained_weights(micro_model_cfg, tmp_path):
     from safetensors.torch import save_file
 
     overrides = {k: v for k, v in micro_model_cfg.items() if k not in ("arch", "model_type")}
-    model, vis, txt = load_model_and_preprocess("xllm", "tiny", is_eval=True, device="cpu", **overrides)
-    assert not model.training and vis["eval"].image_size == 32 and txt["eval"]("  a   b ") == "a b"
+    model, processors, txt = load_model_and_preprocess("xllm", "tiny", is_eval=True, device="cpu", **overrides)
+    assert not model.training and txt["eval"]("  a   b ") == "a b"
+    assert set(processors) == {"image"} and processors["image"]["eval"].image_size == 64  # tiny.yaml's processor
     trained = {"adapters.image.weight": torch.full_like(model.adapters["image"].weight, 0.5)}
     save_file(trained, str(tmp_path / "w.safetensors"))
     reloaded = load_model("xllm", "tiny", checkpoint=tmp_path / "w.safetensors", **overrides)

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from xllm.common.config import ConfigError, load_config, resolve_model
+from xllm.common.config import ConfigError
+from xllm.config import load_config
+from xllm.models.config import resolve_model
 from xllm.common.paths import configs_dir
 
 CONFIGS = configs_dir()

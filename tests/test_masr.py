@@ -10,18 +10,18 @@ from omegaconf import OmegaConf
 from speech_fixtures import (micro_multimodal_model_cfg, micro_speech_corpus,  # noqa: F401  (fixtures)
                              micro_speech_encoder)
 
-from xllm.common.config import load_config
+from xllm.config import load_config
 from xllm.common.paths import configs_dir
 from xllm.datasets.build import build_split
 from xllm.datasets.builders.masr import scene_image
-from xllm.datasets.collate import collate
+from xllm.datasets.loader import evaluation_loader
 from xllm.world.scenes import Scene, parse_caption
 from xllm.world.speech_corpus import WorldSpeechSpec, spoken_scenes
 from xllm.models.builder import build_model
-from xllm.models.trainable import apply_trainable
+from xllm.eval.asr_metrics import asr_report
+from xllm.eval.metrics import METRICS
 from xllm.processors.image import ImageProcessor
-from xllm.tasks.multitask import MultiTask
-from xllm.tasks.speech import asr_report
+from xllm.tasks.base import LLMTask
 
 IMAGE_SIZE = 32  # the micro image encoder's input size
 
@@ -33,7 +33,7 @@ def stage3_cfg(tmp_path_factory, micro_multimodal_model_cfg, micro_speech_corpus
     masr = {**micro_speech_corpus, "builder": "world_masr", "image_size": IMAGE_SIZE, "ratio": 1.0}
     config = {"model": micro_multimodal_model_cfg,
               "datasets": {"asr": {**micro_speech_corpus, "ratio": 1.0}, "masr": masr},
-              "run": {"task": "multitask", "output_dir": str(root / "run"), "eval_batch_size": 4,
+              "run": {"task": "llm", "output_dir": str(root / "run"), "eval_batch_size": 4,
                       "eval_max_samples": 8, "max_new_tokens": 4, "threads": 1}}
     OmegaConf.save(config, root / "stage3.yaml")
     return load_config(root / "stage3.yaml")
@@ -83,48 +83,48 @@ def test_a_transcript_that_is_not_its_scenes_caption_is_an_error_naming_the_utte
 def test_a_mixed_speech_batch_trains_both_interfaces_and_generates(stage3_cfg, one_thread):
     torch.manual_seed(0)
     model = build_model(stage3_cfg.model)
-    apply_trainable(model, list(stage3_cfg.model.trainable))
     sets = build_split(stage3_cfg.datasets, "train")
     samples = [{**sets["masr"][0], "task": "masr"}, {**sets["asr"][1], "task": "asr"},
                {**sets["masr"][2], "task": "masr"}]
-    batch = collate(samples)
-    assert batch["image"].shape[0] == 2 and batch["speech"]["features"].shape[0] == 3
-    out = MultiTask(stage3_cfg.run).train_step(model, batch)
+    batch = model.collator()(samples)
+    assert batch.media["image"].shape[0] == 2 and batch.media["speech"]["features"].shape[0] == 3
+    out = LLMTask(stage3_cfg.run).train_step(model, batch)
     assert {"loss/asr", "loss/masr"} <= set(out.logs)
     out.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name in ("interfaces.image.query_tokens", "interfaces.speech.input_proj.weight", "adapters.image.weight",
                  "adapters.speech.weight"):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
-    texts = model.generate(collate([sets["masr"][0], sets["masr"][2]]), max_new_tokens=4)
+    texts = model.generate(model.collator(with_answers=False)([sets["masr"][0], sets["masr"][2]]), max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
 def test_multitask_scores_speech_datasets_with_asr_metrics(stage3_cfg, one_thread):
     torch.manual_seed(0)
     model = build_model(stage3_cfg.model)
-    task = MultiTask(stage3_cfg.run)
+    task = LLMTask(stage3_cfg.run)
     for name in ("asr", "masr"):
+        assert stage3_cfg.datasets[name].metric == "asr"  # the speech builders' own metric
         dataset = build_split(stage3_cfg.datasets, "train")[name]
-        report, rows = task.evaluate(model, dataset, "en")
+        loader = evaluation_loader(dataset, task.collator(model, training=False), stage3_cfg.run.eval_batch_size)
+        report, rows = task.evaluate(model, loader, stage3_cfg.datasets[name].metric, "en")
         assert len(rows) == stage3_cfg.run.eval_max_samples
         ids = [r["id"] for r in rows]
         assert set(languages(ids)) == {"en", "zh"}, "the rows should hold both languages"
+        assert [r["lang"] for r in rows] == languages(ids)  # each utterance's own language, not the fallback
         expected = asr_report([r["reference"] for r in rows], [r["prediction"] for r in rows], languages(ids))
         assert report == expected, name
 
 
-def test_speech_report_uses_each_records_language_and_checks_the_order(stage3_cfg):
+def test_the_asr_metric_scores_each_utterance_in_its_language(stage3_cfg):
     dataset = build_split(stage3_cfg.datasets, "train")["asr"]
     references = [r.text for r in dataset.records[:8]]
     langs = languages([r.utt_id for r in dataset.records[:8]])
     assert set(langs) == {"en", "zh"}
     hypotheses = [" ".join(ref.split()[1:]) if lang == "en" else ref[1:] for ref, lang in zip(references, langs)]
-    report = dataset.report(references, hypotheses, "zh")
+    report = METRICS.get("asr")(references, hypotheses, langs)
     assert report == asr_report(references, hypotheses, langs)
-    assert report != asr_report(references, hypotheses, ["zh"] * len(references))  # the argument is a fallback
-    with pytest.raises(ValueError, match=f"utterance {dataset.records[0].utt_id!r}"):
-        dataset.report(references[1:3], hypotheses[1:3], "en")
+    assert report != asr_report(references, hypotheses, ["zh"] * len(references))  # languages matter
 
 
 def test_stage3_configs_hold_speech():

@@ -29,8 +29,10 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, PreTrainedTokenizerFast
 
-from xllm.common.config import ConfigError, resolve_model
+from xllm.common.config import ConfigError
+from xllm.models.config import resolve_model
 from xllm.models.builder import build_model
+from xllm.processors.collator import CaptionTokens
 from xllm.models.pretrained import load_pretrained
 
 TOL = 1e-4
@@ -106,7 +108,8 @@ def test_lavis_stage1_file_fills_the_text_branch(micro_zoo, lavis, tmp_path: Pat
     cfg = model_cfg(micro_zoo, interface, [folder / "eva_vit_g.pth", folder / "blip2_pretrained.pth"])
     model = build_model(resolve_model(cfg))
     qformer = model.interfaces["image"]
-    ids, mask = qformer.tokenize(["w3 w7 w1", "w5 w2 w9"])
+    captions = CaptionTokens(qformer.tokenizer, qformer.max_text_length)(["w3 w7 w1", "w5 w2 w9"])
+    ids, mask = captions["input_ids"], captions["attention_mask"]
     pixels = images()
     with torch.no_grad():
         features, feature_mask = model.encoders["image"](pixels)

@@ -3,27 +3,29 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from xllm.common.config import ConfigError, load_config, resolve_model
+from xllm.common.config import ConfigError
+from xllm.config import load_config
+from xllm.models.config import resolve_model
 from xllm.common.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registry_unknown_name_lists_known_and_closest():
-    registry = Registry()
-    registry.register("llm", "hf_causal")(object)
-    registry.register("llm", "chatglm")(object)
+    registry = Registry("llm backend")
+    registry.register("hf_causal")(object)
+    registry.register("chatglm")(object)
     with pytest.raises(KeyError) as error:
-        registry.get("llm", "hf_casual")
+        registry.get("hf_casual")
     message = error.value.args[0]
     assert "known: chatglm, hf_causal" in message and "did you mean 'hf_causal'" in message
 
 
 def test_registry_refuses_a_second_class_under_one_name():
-    registry = Registry()
-    registry.register("task", "t")(int)
+    registry = Registry("task")
+    registry.register("t")(int)
     with pytest.raises(KeyError, match="already registered"):
-        registry.register("task", "t")(float)
+        registry.register("t")(float)
 
 
 def write(tmp_path: Path, text: str) -> Path:

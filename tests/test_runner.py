@@ -5,11 +5,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from xllm.common.config import load_config
+from xllm.config import load_config
 from xllm.datasets.build import build_split
 from xllm.models.builder import build_model
-from xllm.runners.runner import Runner, lr_factor
-from xllm.tasks.image_text import ImageTextTask
+from xllm.datasets.loader import evaluation_loader, training_loader
+from xllm.runners.runner import Runner
+from xllm.runners.schedule import lr_factor
+from xllm.tasks.base import LLMTask
 
 
 def make_cfg(tmp_path, micro_model_cfg, micro_world, **run):
@@ -26,8 +28,10 @@ def make_cfg(tmp_path, micro_model_cfg, micro_world, **run):
 def make_runner(cfg) -> Runner:
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    return Runner(cfg, model, ImageTextTask(cfg.run), build_split(cfg.datasets, "train")["world"],
-                  build_split(cfg.datasets, "val")["world"])
+    collator = model.collator()
+    train = training_loader(build_split(cfg.datasets, "train")["world"], collator, cfg.run.batch_size, cfg.run.seed)
+    val = evaluation_loader(build_split(cfg.datasets, "val")["world"], collator, cfg.run.eval_batch_size)
+    return Runner(cfg.run, model, LLMTask(cfg.run), train, val)
 
 
 def trained(runner: Runner) -> dict[str, torch.Tensor]:

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from xllm.common.config import resolve_datasets, resolve_model
+from xllm.datasets.config import resolve_datasets
+from xllm.models.config import resolve_model
 from xllm.datasets.build import build_split
-from xllm.datasets.collate import collate
 from xllm.world.device import CHANNELS, STATES, answer, command_report, parse_command, sample_status
 from xllm.world.signals import WorldSignalSpec, generate_records
 from xllm.models.builder import build_model
@@ -83,9 +83,10 @@ def test_signal_joins_the_composite_by_configuration(micro_model_cfg, tmp_path):
                trainable=["interfaces.signal", "adapters.signal"])
     model = build_model(resolve_model(cfg))
     datasets = resolve_datasets({"status": {"builder": "signal_text", "world": WORLD, "storage": str(tmp_path)}})
-    batch = collate([build_split(datasets, "train")["status"][i] for i in range(4)])
-    assert batch["signal"].shape == (4, 4, 16)
+    batch = model.collator()([build_split(datasets, "train")["status"][i] for i in range(4)])
+    assert batch.media["signal"].shape == (4, 4, 16)
     trainable = apply_trainable(model, list(cfg["trainable"]))
+    model.train()
     assert trainable and all(n.startswith(("interfaces.signal.", "adapters.signal.")) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -101,7 +102,7 @@ def test_signal_joins_the_composite_by_configuration(micro_model_cfg, tmp_path):
     assert changed == set(trainable)
     model.eval()
     answers = model.generate({"prompt": ["<Signal><SignalHere></Signal> What should I do?"],
-                              "signal": batch["signal"][:1]}, max_new_tokens=3)
+                              "signal": batch.media["signal"][:1]}, max_new_tokens=3)
     assert len(answers) == 1
     with pytest.raises(ValueError, match=r"signal input must be \[batch, 4 channels, steps\], got \(1, 3, 16\)"):
-        model.encode_media({"signal": torch.zeros(1, 3, 16)})
+        model.modality("signal")(torch.zeros(1, 3, 16))

@@ -8,19 +8,17 @@ import soundfile as sf
 import torch
 from speech_fixtures import micro_speech_corpus  # noqa: F401  (fixture)
 
-from xllm.common.config import resolve_datasets
-from xllm.common.registry import registry
+from xllm.datasets.config import resolve_datasets
+from xllm.datasets.registry import BUILDERS
 from xllm.datasets.builders.speech_instruction import default_prompts
-from xllm.datasets.collate import collate
+from xllm.processors.collator import Collator
 from xllm.world.speech_corpus import WorldSpeechSpec, utterances
 from xllm.processors.audio import SAMPLE_RATE, log_mel
-
-import xllm.registration  # noqa: F401
 
 
 def build(block: dict, split: str):
     cfg = resolve_datasets({"speech": block}).speech
-    return registry.get("builder", cfg.builder)(cfg).build(split)
+    return BUILDERS.get(cfg.builder)(cfg).build(split)
 
 
 def test_corpus_scenes_are_deterministic_and_name_split_and_language():
@@ -49,11 +47,12 @@ def test_world_speech_splits_and_samples(micro_speech_corpus):
 def test_collate_pads_speech_into_encoder_keyword_arguments(micro_speech_corpus):
     train = build(micro_speech_corpus, "train")
     samples = [train[0], train[1], train[2]]
-    batch = collate(samples)
+    batch = Collator(["speech"])(samples)
     lengths = [s["speech"].shape[1] for s in samples]
-    assert batch["speech"]["lengths"].tolist() == lengths
-    assert batch["speech"]["features"].shape == (3, 80, max(lengths))
-    assert torch.equal(batch["speech"]["features"][1, :, : lengths[1]], samples[1]["speech"])
+    assert batch.media["speech"]["lengths"].tolist() == lengths
+    assert batch.media["speech"]["features"].shape == (3, 80, max(lengths))
+    assert torch.equal(batch.media["speech"]["features"][1, :, : lengths[1]], samples[1]["speech"])
+    assert batch.langs == [s["lang"] for s in samples] and batch.answers == [s["answer"] for s in samples]
 
 
 # --------------------------------------------------------------------------- bad input, at the dataset level

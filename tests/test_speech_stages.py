@@ -12,16 +12,19 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from xllm.common.checkpoint import weights_path
-from xllm.common.config import load_config
+from xllm.config import load_config
 from xllm.datasets.build import build_split
-from xllm.datasets.collate import collate
+from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.world.render import render
 from xllm.world.scenes import sample_scene
 from xllm.models.builder import build_model
-from xllm.models.trainable import apply_trainable
+from xllm.models.llm.hf_causal import HFChatLayout
+from xllm.models.objectives.cif_asr import transcript_ids
+from xllm.processors.collator import Collator
 from xllm.processors.image import ImageProcessor
 from xllm.runners.runner import Runner
-from xllm.tasks.speech import ASRTask, CIFASRTask, asr_report, transcript_ids
+from xllm.eval.asr_metrics import asr_report
+from xllm.tasks.base import CIFSpeechTask as CIFASRTask, LLMTask
 
 
 def config(tmp_path, model: dict, corpus: dict, task: str, **run) -> OmegaConf:
@@ -36,9 +39,17 @@ def config(tmp_path, model: dict, corpus: dict, task: str, **run) -> OmegaConf:
 def train(cfg, task) -> str:
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    runner = Runner(cfg, model, task, build_split(cfg.datasets, "train")["speech"],
-                    build_split(cfg.datasets, "val")["speech"])
+    collator = task.collator(model, training=True)
+    runner = Runner(cfg.run, model, task,
+                    training_loader(build_split(cfg.datasets, "train")["speech"], collator, cfg.run.batch_size,
+                                    cfg.run.seed),
+                    evaluation_loader(build_split(cfg.datasets, "val")["speech"], collator, cfg.run.eval_batch_size))
     return runner.train()
+
+
+def evaluate(task, model, dataset):
+    loader = evaluation_loader(dataset, task.collator(model, training=False), task.cfg.eval_batch_size)
+    return task.evaluate(model, loader, "asr", "en")
 
 
 def test_stage1_overfits_a_batch_and_stage2_starts_from_its_checkpoint(tmp_path, micro_speech_model_cfg,
@@ -46,13 +57,12 @@ def test_stage1_overfits_a_batch_and_stage2_starts_from_its_checkpoint(tmp_path,
     cfg1 = config(tmp_path, micro_speech_model_cfg, micro_speech_corpus, "cif_asr", lr=3e-3)
     task1 = CIFASRTask(cfg1.run)
     torch.manual_seed(0)
-    model = build_model(cfg1.model)
-    apply_trainable(model, list(cfg1.model.trainable))
-    batch = collate([build_split(cfg1.datasets, "train")["speech"][i] for i in range(4)])
+    model = build_model(cfg1.model).train()
+    batch = model.collator()([build_split(cfg1.datasets, "train")["speech"][i] for i in range(4)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = task1.train_step(model, batch)
     assert set(first.logs) == {"loss", "ce", "quantity"}
-    assert first.weight == sum(len(model.llm.tokenize(a)) for a in batch["answer"])
+    assert first.weight == sum(len(model.llm.layout.tokenize(a)) for a in batch.answers)
     for _ in range(10):
         loss = task1.train_step(model, batch).loss
         optimizer.zero_grad()
@@ -63,70 +73,64 @@ def test_stage1_overfits_a_batch_and_stage2_starts_from_its_checkpoint(tmp_path,
     checkpoint = train(cfg1, task1)
     test_set = build_split(cfg1.datasets, "test")["speech"]
     trained = build_model(OmegaConf.merge(cfg1.model, {"checkpoint": str(checkpoint)}))
-    metrics, rows = task1.evaluate(trained, test_set, "en")
+    metrics, rows = evaluate(task1, trained, test_set)
     assert metrics["utterances"] == len(rows) == len(test_set)
     assert 0.0 <= metrics["cer"] and metrics["wer"] >= 0.0
 
-    cfg2 = config(tmp_path, {**micro_speech_model_cfg, "checkpoint": str(checkpoint)}, micro_speech_corpus, "asr")
+    cfg2 = config(tmp_path, {**micro_speech_model_cfg, "checkpoint": str(checkpoint)}, micro_speech_corpus, "llm")
     stage2 = build_model(cfg2.model)
     saved = load_file(str(weights_path(checkpoint)))
     assert saved and all(torch.equal(stage2.state_dict()[k], v) for k, v in saved.items())
-    task2 = ASRTask(cfg2.run)
+    task2 = LLMTask(cfg2.run)
     final = train(cfg2, task2)
-    metrics, rows = task2.evaluate(build_model(OmegaConf.merge(cfg2.model, {"checkpoint": str(final)})),
-                                   test_set, "en")
+    metrics, rows = evaluate(task2, build_model(OmegaConf.merge(cfg2.model, {"checkpoint": str(final)})), test_set)
     assert metrics["utterances"] == len(test_set) and set(metrics) >= {"cer", "wer"}
 
 
 def test_multimodal_asr_prompt_with_an_image_and_speech(tmp_path, micro_multimodal_model_cfg, micro_speech_corpus):
-    cfg = config(tmp_path, micro_multimodal_model_cfg, micro_speech_corpus, "asr")
+    cfg = config(tmp_path, micro_multimodal_model_cfg, micro_speech_corpus, "llm")
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    apply_trainable(model, list(cfg.model.trainable))
+    model = build_model(cfg.model).train()
     speech = build_split(cfg.datasets, "train")["speech"]
     rng = random.Random(0)
     image = ImageProcessor(32)(render(sample_scene(rng), 32, rng))
     prompt = "<Image><ImageHere></Image> <Speech><SpeechHere></Speech> Transcribe the speech about the image."
     samples = [{**speech[i], "image": image, "prompt": prompt} for i in range(2)]
-    batch = collate(samples)
-    media = model.encode_media(batch)
-    assembled = model.assemble(batch, media, with_answers=True)
+    batch = model.collator()(samples)
+    media = model.encode(batch)
+    inputs = model.splice(batch, media)
     fired = [m.shape[0] for m in media["speech"]]
-    assert assembled.slots.sum(1).tolist() == [4 + n for n in fired]  # 4 image queries + the fired tokens
+    assert inputs.media_positions.sum(1).tolist() == [4 + n for n in fired]  # 4 image queries + the fired tokens
     out = model(batch)
     out.loss.backward()
     for name in ("interfaces.image.query_tokens", "interfaces.speech.input_proj.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-    texts = model.generate(batch, max_new_tokens=4)
+    texts = model.generate(model.collator(with_answers=False)(samples), max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
 def test_speech_longer_than_the_encoder_window_is_an_error(micro_speech_model_cfg, tmp_path, micro_speech_corpus):
-    cfg = config(tmp_path, micro_speech_model_cfg, micro_speech_corpus, "asr")
+    cfg = config(tmp_path, micro_speech_model_cfg, micro_speech_corpus, "llm")
     model = build_model(cfg.model)
     features = torch.zeros(1, 80, 1600)
     with pytest.raises(ValueError, match="more than Whisper's window of 1500"):
         model.encoders["speech"](features, torch.tensor([1600]))
 
 
-class WordLLM:
-    """An LLM stand-in whose word-level tokenizer lacks most characters."""
-
-    def __init__(self) -> None:
-        word = Tokenizer(models.WordLevel({"[UNK]": 0, "red": 1, "circle": 2}, unk_token="[UNK]"))
-        word.pre_tokenizer = pre_tokenizers.Whitespace()
-        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=word, unk_token="[UNK]")
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+def word_layout() -> HFChatLayout:
+    """A layout whose word-level tokenizer lacks most characters."""
+    word = Tokenizer(models.WordLevel({"[UNK]": 0, "red": 1, "circle": 2, "</s>": 3}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    return HFChatLayout(PreTrainedTokenizerFast(tokenizer_object=word, unk_token="[UNK]", eos_token="</s>"))
 
 
 def test_a_transcript_the_tokenizer_cannot_spell_is_an_error_naming_the_utterance():
-    llm = WordLLM()
-    assert transcript_ids(llm, "red circle", "u1") == [1, 2]
-    with pytest.raises(ValueError, match="'u2'.*no token for"):
-        transcript_ids(llm, "red 圆", "u2")
+    collate = Collator([], word_layout())
+    batch = collate([{"id": "u1", "prompt": "red", "answer": "red circle"}])
+    assert [ids.tolist() for ids in transcript_ids(batch)] == [[1, 2]]
+    with pytest.raises(ValueError, match="sample 'u2': the LLM's tokenizer has no token for \\['圆'\\]"):
+        collate([{"id": "u2", "prompt": "red", "answer": "red 圆"}])
 
 
 def test_asr_report_counts_every_hypothesis():

@@ -11,12 +11,15 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from xllm.common.checkpoint import save_checkpoint
-from xllm.common.config import resolve_model
+from xllm.models.config import resolve_model
 from xllm.eval.retrieval import recall_at_k, retrieval_report
 from xllm.models.builder import build_model
 from xllm.models.interfaces.qformer_text import grounded_causal_mask, is_text_branch_key
+from xllm.common.dist import gather_with_local_grad
+from xllm.datasets.loader import evaluation_loader
 from xllm.models.trainable import apply_trainable
-from xllm.tasks.qformer_pretrain import QFormerPretrainTask, gather_with_local_grad
+from xllm.processors.collator import CaptionTokens
+from xllm.tasks.retrieval import QFormerPretrainTask
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
 
 CAPTIONS = ["a small red circle at the top.", "a large blue star on the left.",
@@ -56,9 +59,19 @@ def images(n: int = 4) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+def tokenize(interface, texts: list[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions as the collator tokenises them for the interface's text branch."""
+    encoded = CaptionTokens(interface.tokenizer, interface.max_text_length, pad_to_max)(texts)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def batch_of(model, pixels: torch.Tensor, captions: list[str]):
+    return model.collator()([{"id": str(i), "image": p, "answer": c} for i, (p, c) in enumerate(zip(pixels, captions))])
+
+
 def test_tokenizer_is_word_level_with_bert_specials(tokenizer_folder: Path, stage1_cfg: dict) -> None:
     interface = build(stage1_cfg).interfaces["image"]
-    ids, mask = interface.tokenize(["A small red circle.", "左上角有一个小的红色圆形。"])
+    ids, mask = tokenize(interface, ["A small red circle.", "左上角有一个小的红色圆形。"])
     tokens = interface.tokenizer.convert_ids_to_tokens(ids[0][mask[0].bool()])
     assert tokens == ["[CLS]", "a", "small", "red", "circle", ".", "[SEP]"]
     assert "[UNK]" not in interface.tokenizer.convert_ids_to_tokens(ids[1])  # Chinese: one token per character
@@ -79,7 +92,7 @@ def test_generation_sees_no_later_word_and_queries_no_text(stage1_cfg: dict) -> 
     model = build(stage1_cfg)
     interface = model.interfaces["image"]
     features, mask = model.encoders["image"](images(2))
-    ids, text_mask = interface.tokenize(CAPTIONS[:2], pad_to_max=True)
+    ids, text_mask = tokenize(interface, CAPTIONS[:2], pad_to_max=True)
     changed = ids.clone()
     changed[:, 4:] = interface.tokenizer.convert_tokens_to_ids("star")
     with torch.no_grad():
@@ -96,8 +109,8 @@ def test_padding_changes_no_pass(stage1_cfg: dict) -> None:
     model = build(stage1_cfg)
     interface = model.interfaces["image"]
     features, mask = model.encoders["image"](images(2))
-    alone = interface.tokenize(CAPTIONS[:1])
-    padded = interface.tokenize(CAPTIONS[:1], pad_to_max=True)
+    alone = tokenize(interface, CAPTIONS[:1])
+    padded = tokenize(interface, CAPTIONS[:1], pad_to_max=True)
     length = alone[0].shape[1]
     assert padded[0].shape[1] == interface.max_text_length > length
     with torch.no_grad():
@@ -119,7 +132,7 @@ def test_text_branch_from_bert_encodes_text_as_bert(stage1_cfg: dict, tokenizer_
     cfg = OmegaConf.to_container(OmegaConf.create(stage1_cfg))
     cfg["modalities"]["image"]["interface"]["text_init"] = str(tmp_path)
     interface = build(cfg).interfaces["image"]
-    ids, mask = interface.tokenize(CAPTIONS)
+    ids, mask = tokenize(interface, CAPTIONS)
     with torch.no_grad():
         torch.testing.assert_close(interface.text_states(ids, mask), bert(ids, attention_mask=mask).last_hidden_state,
                                    atol=1e-5, rtol=0)
@@ -142,7 +155,7 @@ def test_mini_tier_minilm_text_branch(stage1_cfg: dict) -> None:
         "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536, "dropout": 0.0}
     interface = build(cfg).interfaces["image"]
     assert interface.tokenizer.bos_token == "[DEC]" and len(interface.tokenizer) == 30523  # as LAVIS resizes BERT
-    ids, mask = interface.tokenize(CAPTIONS)
+    ids, mask = tokenize(interface, CAPTIONS)
     with torch.no_grad():
         expected = BertModel.from_pretrained(folder).eval()(ids, attention_mask=mask).last_hidden_state
         real = mask.bool()  # padded positions' outputs are read by no one
@@ -164,9 +177,8 @@ def test_lm_head_is_tied_and_state_names_match_the_converter(stage1_cfg: dict) -
 
 
 def test_losses_train_every_part_and_fall(stage1_cfg: dict) -> None:
-    model = build(stage1_cfg)
-    apply_trainable(model, ["interfaces.image"])
-    batch = {"image": images(), "answer": CAPTIONS}
+    model = build(stage1_cfg).train()
+    batch = batch_of(model, images(), CAPTIONS)
     out = task().train_step(model, batch)
     assert set(out.logs) == {"loss", "itc", "itm", "itg"} and out.weight == 4
     assert abs(out.logs["itc"] - torch.log(torch.tensor(4.0)).item()) < 0.1  # chance level at the start
@@ -186,9 +198,9 @@ def test_clear_errors(stage1_cfg: dict) -> None:
     model = build(stage1_cfg)
     assert model.llm is None and not list(model.adapters.parameters())
     with pytest.raises(ValueError, match="at least two different captions"):
-        task().train_step(model, {"image": images(2), "answer": [CAPTIONS[0]] * 2})
+        task().train_step(model, batch_of(model, images(2), [CAPTIONS[0]] * 2))
     with pytest.raises(ValueError, match="built without an LLM"):
-        model({"image": images(2), "prompt": ["<Image><ImageHere></Image>"] * 2, "answer": CAPTIONS[:2]})
+        model(batch_of(model, images(2), CAPTIONS[:2]))
 
 
 def test_retrieval_metrics_golden() -> None:
@@ -203,7 +215,8 @@ def test_evaluate_reports_recall(stage1_cfg: dict, micro_world: dict) -> None:
 
     model = build(stage1_cfg)
     dataset = CocoCaptionBuilder(OmegaConf.structured(CaptionBuilderConfig(**micro_world))).build("test")
-    report, rows = task().evaluate(model, dataset, "en")
+    loader = evaluation_loader(dataset, task().collator(model, training=False), batch_size=3)
+    report, rows = task().evaluate(model, loader, "retrieval", "en")
     assert report["samples"] == len(dataset) == len(rows)
     for prefix in ("itc_", "itm_"):
         for key in ("i2t_r@1", "i2t_r@5", "t2i_r@1", "t2i_r@5"):

@@ -8,14 +8,17 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from xllm.common.config import ConfigError, load_config, resolve_datasets, resolve_model
+from xllm.common.config import ConfigError
+from xllm.config import load_config
+from xllm.datasets.config import resolve_datasets
+from xllm.models.config import resolve_model
 from xllm.datasets.build import build_split
-from xllm.datasets.collate import collate
+from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.datasets.mixture import MixtureDataset
 from xllm.models.builder import build_model
 from xllm.datasets.mixture import concat, training_set
 from xllm.runners.runner import Runner
-from xllm.tasks.multitask import MultiTask, per_sample_loss
+from xllm.tasks.base import LLMTask
 
 SIGNAL = {"encoder": {"name": "signal", "channels": 4},
           "interface": {"name": "sequence", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
@@ -80,7 +83,7 @@ def stage3_cfg(micro_model_cfg, micro_world, tmp_path_factory):
                   "dialogue": {"builder": "world_qa", "mode": "dialogue", "ratio": 1.0, **micro_world},
                   "status": {"builder": "signal_text", "ratio": 2.0, "world": SIGNAL_WORLD,
                              "storage": str(root / "signals")}},
-              "run": {"task": "multitask", "output_dir": str(root / "run"), "log_interval": 1, "lr": 1e-2,
+              "run": {"task": "llm", "output_dir": str(root / "run"), "log_interval": 1, "lr": 1e-2,
                       "warmup_steps": 1, "batch_size": 6, "max_steps": 3, "seed": 0, "val_max_batches": 1}}
     path = root / "stage3.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -92,7 +95,7 @@ def test_dialogue_rounds_go_through_the_backend_template(stage3_cfg):
     (first_query, first_answer), = sample["history"]
     assert first_query == "<Image><ImageHere></Image> Describe the image." and first_answer.endswith(".")
     model = build_model(stage3_cfg.model)
-    text = model.llm.format_prompt(sample["prompt"], sample["history"])
+    text = model.llm.layout.format_prompt(sample["prompt"], sample["history"])
     assert text.index(first_answer) < text.index(sample["prompt"]) and text.count("<ImageHere>") == 1
 
 
@@ -100,11 +103,13 @@ def test_per_task_losses_add_up_to_the_batch_loss(stage3_cfg):
     torch.manual_seed(0)
     model = build_model(stage3_cfg.model)
     sets = build_split(stage3_cfg.datasets, "train")
-    batch = collate([sets["caption"][0], sets["status"][0], sets["dialogue"][1], sets["status"][1]])
-    batch["task"] = ["caption", "status", "dialogue", "status"]
-    loss, sums, counts = model(batch, objective=per_sample_loss)
+    tasks = ["caption", "status", "dialogue", "status"]
+    samples = [sets["caption"][0], sets["status"][0], sets["dialogue"][1], sets["status"][1]]
+    batch = model.collator()([{**sample, "task": task} for sample, task in zip(samples, tasks)])
+    output = model(batch)
+    loss, sums, counts = output.loss, output.row_loss, output.row_units
     assert torch.allclose(sums.sum() / counts.sum(), loss, atol=1e-5)
-    out = MultiTask(stage3_cfg.run).train_step(model, batch)
+    out = LLMTask(stage3_cfg.run).train_step(model, batch)
     assert out.weight == int(counts.sum())
     pooled = sum(v[0] * v[1] for key, v in out.logs.items() if key.startswith("loss/"))
     assert pooled / out.weight == pytest.approx(out.logs["loss"], rel=1e-4)
@@ -116,10 +121,13 @@ def test_stage3_trains_only_adapters_and_logs_each_task(stage3_cfg, capsys):
     model = build_model(stage3_cfg.model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train = training_set(build_split(stage3_cfg.datasets, "train"), stage3_cfg.datasets, stage3_cfg.run.seed)
-    runner = Runner(stage3_cfg, model, MultiTask(stage3_cfg.run), train,
-                    concat(list(build_split(stage3_cfg.datasets, "val").values())))
-    assert isinstance(runner.train_set, MixtureDataset)
-    assert runner.train_set.counts == {"caption": len(train) // 4, "dialogue": len(train) // 4,
+    val = concat(list(build_split(stage3_cfg.datasets, "val").values()))
+    task = LLMTask(stage3_cfg.run)
+    runner = Runner(stage3_cfg.run, model, task,
+                    training_loader(train, task.collator(model, True), stage3_cfg.run.batch_size, stage3_cfg.run.seed),
+                    evaluation_loader(val, task.collator(model, True), stage3_cfg.run.eval_batch_size))
+    assert isinstance(runner.train_loader.dataset, MixtureDataset)
+    assert runner.train_loader.dataset.counts == {"caption": len(train) // 4, "dialogue": len(train) // 4,
                                        "status": len(train) // 2}
     runner.train()
     table = capsys.readouterr().out

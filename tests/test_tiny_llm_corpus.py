@@ -6,9 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from xllm.world.scenes import caption_en, caption_zh, sample_scene
-from xllm.models.llm.base import IGNORE_INDEX
+from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.hf_causal import HFCausalLM
-from xllm.models.xllm import marker, media_span
+from xllm.processors.collator import marker, media_span
 from xllm.zoo.corpus import SPAN_QUESTIONS, copy_drill, world_documents
 from xllm.zoo.tiny import MEDIA_SPAN, chat_row, render_chat
 
@@ -29,9 +29,9 @@ def test_a_row_is_the_stage2_sequence_with_the_caption_in_the_slots(backend, spa
     ids, labels = chat_row(backend.tokenizer, [(f"<{span}>{caption}</{span}>{question}", caption)])
     # The composite tokenises the text around the medium's slots; here the caption's tokens fill them.
     medium = span.lower()
-    before, after = backend.format_prompt(f"{media_span(medium)}{question}").split(marker(medium))
-    prompt = backend.tokenize(before) + backend.tokenize(caption) + backend.tokenize(after)
-    assert (ids, labels) == backend.build_sequence(prompt, caption)
+    before, after = backend.layout.format_prompt(f"{media_span(medium)}{question}").split(marker(medium))
+    prompt = backend.layout.tokenize(before) + backend.layout.tokenize(caption) + backend.layout.tokenize(after)
+    assert (ids, labels) == backend.layout.build_sequence(prompt, caption)
 
 
 def test_rows_spell_the_rendered_chat_with_loss_on_answers_only(backend):

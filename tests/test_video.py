@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from xllm.common.config import resolve_datasets, resolve_model
+from xllm.datasets.config import resolve_datasets
+from xllm.models.config import resolve_model
 from xllm.datasets.build import build_split
-from xllm.datasets.collate import collate
 from xllm.world.motion import (Motion, motion_caption_en, motion_caption_zh, motion_report, parse_motion,
                                        sample_motion, shift)
 from xllm.world.videos import WorldVideoSpec, generate_records, render_frames, write_mp4
@@ -171,9 +171,10 @@ def test_video_training_changes_only_video_parts(video_model, micro_world, tmp_p
     world = {"seed": 0, "num_train": 6, "num_val": 2, "num_test": 2, "image_size": 32, "num_frames": 4}
     datasets = resolve_datasets({"clips": {"builder": "video_caption", "world": world, "storage": str(tmp_path),
                                            "image_size": 32, "num_frames": 4}})
-    batch = collate([build_split(datasets, "train")["clips"][i] for i in range(4)])
-    assert batch["video"].shape == (4, 4, 3, 32, 32)
+    batch = video_model.collator()([build_split(datasets, "train")["clips"][i] for i in range(4)])
+    assert batch.media["video"].shape == (4, 4, 3, 32, 32)
     apply_trainable(video_model, VIDEO_TRAINABLE)
+    video_model.train()
     before = {n: p.detach().clone() for n, p in video_model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in video_model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
@@ -185,8 +186,8 @@ def test_video_training_changes_only_video_parts(video_model, micro_world, tmp_p
                               "interfaces.video.frame_position.weight", "interfaces.video.query_tokens"])
     video_model.eval()
     with torch.no_grad():
-        forward = video_model.modality("video")(batch["video"][:1])[0]
-        backward = video_model.modality("video")(batch["video"][:1].flip(1))[0]
+        forward = video_model.modality("video")(batch.media["video"][:1])[0]
+        backward = video_model.modality("video")(batch.media["video"][:1].flip(1))[0]
     assert forward.shape == (4 * 2, video_model.llm.hidden_size)  # frames x queries positions
     assert not torch.allclose(forward, backward.view(4, 2, -1).flip(0).view(8, -1), atol=1e-5)  # order is seen
 

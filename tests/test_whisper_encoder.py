@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import WhisperForConditionalGeneration, WhisperModel
 
-from xllm.common.registry import registry
+from xllm.models.registry import ENCODERS
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, load_whisper_encoder, tiny_whisper_config
 from xllm.processors.audio import collate_audio, log_mel
 
@@ -23,7 +23,7 @@ def batch():
 
 
 def test_registered():
-    assert registry.get("encoder", "whisper") is WhisperSpeechEncoder
+    assert ENCODERS.get("whisper") is WhisperSpeechEncoder
 
 
 def test_output_length_and_mask(encoder, batch):

@@ -43,3 +43,13 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
+
+
+def gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` concatenated in rank order; only this process's part carries gradients."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[rank()] = tensor
+    return torch.cat(parts)

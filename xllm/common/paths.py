@@ -1,11 +1,15 @@
-"""Where xllm keeps generated data and pre-trained tiny models, and where its configs live."""
+"""Where xllm keeps generated data and pre-trained tiny models, where its configs live, and how a config's
+paths resolve."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The configs ship inside the package (a checkout's top-level ``configs`` points here), so an installed xllm
+# finds its model defaults and stage configs wherever it is installed.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+ZOO_PREFIX = "zoo:"
 
 
 def cache_dir() -> Path:
@@ -14,17 +18,22 @@ def cache_dir() -> Path:
 
 
 def configs_dir() -> Path:
-    path = REPO_ROOT / "configs"
-    if not path.is_dir():
-        raise FileNotFoundError(f"xllm's configs folder is missing at {path}: install xllm from a checkout (pip install -e .)")
-    return path
+    return CONFIGS_DIR
 
 
-ZOO_PREFIX = "zoo:"
-
-
-def resolve_path(spec: str) -> Path:
-    """A path from a config: ``zoo:<tier>/<name>`` points into the zoo cache, anything else is a filesystem path."""
+def resolve_path(spec: str | Path) -> Path:
+    """Every path a config holds, one rule: ``zoo:<tier>/<name>`` points into the zoo cache, ``~`` is the home
+    folder, and a relative path is relative to the working directory."""
+    spec = str(spec)
     if spec.startswith(ZOO_PREFIX):
         return cache_dir() / "zoo" / spec[len(ZOO_PREFIX):]
     return Path(spec).expanduser()
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file by its path, or else by its path inside the packaged configs (``tiny/stage2_image.yaml``)."""
+    given = resolve_path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    packaged = CONFIGS_DIR / given
+    return packaged if packaged.is_file() else given

@@ -1,60 +1,58 @@
-"""Name -> class registry for every pluggable component.
+"""Name -> component tables, one per kind, filled where the components are defined.
 
-Configs name components by string (``llm: hf_causal``, ``builder: coco_caption``); the registry turns those
-strings into classes. An unknown name is an error that lists the known names and the closest match, so a
-typo in a YAML file never becomes a silent default.
+Configs name components by string (``llm: {backend: hf_causal}``, ``builder: coco_caption``). Each package
+owns the tables of its kinds (``xllm.models.registry``, ``xllm.datasets.registry``, ...) and its modules
+register themselves with a decorator, as timm's ``@register_model`` does; importing a package registers its
+components, so looking up a model part imports models only. A name with a dot is a dotted path
+(``mypackage.encoders.MyEncoder``), imported on demand, so a project can plug in a component without
+registering it here. An unknown name is an error listing the known names and the closest match.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable, TypeVar
+from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
-KINDS = ("model", "encoder", "interface", "adapter", "llm", "processor", "builder", "task", "runner")
 
+class Registry(Generic[T]):
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
 
-class Registry:
-    def __init__(self, plugins: str | None = None) -> None:
-        self._entries: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}
-        # The module that imports every registering module, loaded by name on the first lookup: lookups then
-        # see every component without ``common`` importing the layers above it.
-        self._plugins = plugins
-
-    def register(self, kind: str, name: str) -> Callable[[T], T]:
-        """Decorator: ``@registry.register("llm", "hf_causal")``."""
-        table = self._table(kind)
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: ``@ENCODERS.register("whisper")``."""
 
         def wrap(obj: T) -> T:
-            if name in table and table[name] is not obj:
-                raise KeyError(f"{kind} {name!r} is already registered by {table[name]!r}")
-            table[name] = obj
+            if name in self._entries and self._entries[name] is not obj:
+                raise KeyError(f"{self.kind} {name!r} is already registered by {self._entries[name]!r}")
+            self._entries[name] = obj
             return obj
 
         return wrap
 
-    def get(self, kind: str, name: str) -> object:
-        self._load_plugins()
-        table = self._table(kind)
-        if name not in table:
-            raise KeyError(unknown_name_message(kind, name, table))
-        return table[name]
+    def get(self, name: str) -> T:
+        if name in self._entries:
+            return self._entries[name]
+        if "." in name:
+            return _import_dotted(name, self.kind)
+        raise KeyError(unknown_name_message(self.kind, name, self._entries))
 
-    def names(self, kind: str) -> list[str]:
-        self._load_plugins()
-        return sorted(self._table(kind))
+    def names(self) -> list[str]:
+        return sorted(self._entries)
 
-    def _load_plugins(self) -> None:
-        if self._plugins is not None:
-            plugins, self._plugins = self._plugins, None
-            importlib.import_module(plugins)
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
 
-    def _table(self, kind: str) -> dict[str, object]:
-        if kind not in self._entries:
-            raise KeyError(unknown_name_message("registry kind", kind, self._entries))
-        return self._entries[kind]
+
+def _import_dotted(path: str, kind: str):
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise KeyError(f"{kind} {path!r}: cannot import it as a dotted path ({error})") from None
 
 
 def unknown_name_message(kind: str, name: str, known) -> str:
@@ -64,6 +62,3 @@ def unknown_name_message(kind: str, name: str, known) -> str:
     if close:
         message += f"; did you mean {close[0]!r}?"
     return message
-
-
-registry = Registry(plugins="xllm.registration")

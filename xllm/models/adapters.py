@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from xllm.common.registry import registry
+from xllm.models.registry import register_adapter
 
 
-@registry.register("adapter", "linear")
+@register_adapter("linear")
 class LinearAdapter(nn.Linear):
     """X-LLM's adapter (``opt_proj``/``video_proj``): one linear map, keys ``weight`` and ``bias``."""
 
@@ -22,7 +22,7 @@ class LinearAdapter(nn.Linear):
         return cls(input_dim, output_dim)
 
 
-@registry.register("adapter", "mlp")
+@register_adapter("mlp")
 class MLPAdapter(nn.Sequential):
     """Two linear maps with a GELU between them (LLaVA-1.5's projector)."""
 

@@ -27,7 +27,6 @@ def apply_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
         param.requires_grad_(matches(name, patterns))
         if param.requires_grad:
             trainable.append(name)
-    set_train_mode(model, training=True)
     return trainable
 
 
@@ -46,20 +45,3 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
             visit(child, module.training)
 
     visit(model, False)
-
-
-def parameter_table(model: nn.Module, depth: int = 2) -> str:
-    """A table of trainable and frozen parameter counts per module, ``depth`` name levels deep."""
-    rows: dict[str, list[int]] = {}
-    for name, param in model.named_parameters():
-        key = ".".join(name.split(".")[:depth])
-        counts = rows.setdefault(key, [0, 0])
-        counts[0 if param.requires_grad else 1] += param.numel()
-    width = max([len(k) for k in rows] + [6])
-    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}", "-" * (width + 28)]
-    for key, (train, frozen) in rows.items():
-        lines.append(f"{key:<{width}}  {train:>12,}  {frozen:>12,}")
-    total_train = sum(v[0] for v in rows.values())
-    total_frozen = sum(v[1] for v in rows.values())
-    lines += ["-" * (width + 28), f"{'total':<{width}}  {total_train:>12,}  {total_frozen:>12,}"]
-    return "\n".join(lines)

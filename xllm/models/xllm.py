@@ -1,56 +1,50 @@
 """The composite model: per modality a frozen encoder, a trainable interface and an adapter, and a frozen LLM.
 
-A prompt names its media with markers such as ``<Image><ImageHere></Image>``: the LLM reads the text around
-them as words, and each ``<ImageHere>`` becomes as many positions as the interface emits for that medium,
-filled with the adapter's outputs. Media of one modality are given as one batch in the order their markers
-appear across the prompts, so one prompt can hold several images, or none, anywhere in a multi-turn dialogue.
+A ``Batch`` holds one placeholder position per medium; ``splice`` widens each to as many positions as the
+medium's interface emits (32 for a Q-Former, one per fired token for a C-Former) and fills them with the
+adapter's outputs, so one prompt can hold several media of several kinds, or none, anywhere in a multi-turn
+dialogue. ``forward(batch, objective)`` returns an objective's loss (``xllm.models.objectives``: the LLM's
+answer loss, or a stage-1 interface's own), computed inside the model where DDP and FSDP see it.
 """
 
 from __future__ import annotations
 
-import re
+import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT, LLMBackend
+from xllm.models.llm.base import LLMBackend
+from xllm.models.registry import OBJECTIVES
+from xllm.models.trainable import set_train_mode
+from xllm.processors.batch import IGNORE_INDEX, NO_MEDIUM, Batch
+from xllm.processors.collator import CaptionTokens, Collator, marker
 
-TAGS = {"image": "Image", "video": "Video", "speech": "Speech", "audio": "Audio"}
-
-
-def tag_of(modality: str) -> str:
-    """The prompt tag of a modality: ``<Image>``; new modalities get their name capitalised."""
-    return TAGS.get(modality, modality.capitalize())
-
-
-def marker(modality: str) -> str:
-    return f"<{tag_of(modality)}Here>"
-
-
-def media_span(modality: str) -> str:
-    """The prompt text that places one medium: ``<Image><ImageHere></Image>``."""
-    tag = tag_of(modality)
-    return f"<{tag}><{tag}Here></{tag}>"
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class Output:
-    loss: torch.Tensor
-    logits: torch.Tensor
-    num_answer_tokens: int  # tokens the loss is the mean over (after the causal shift)
+class ModelOutput:
+    loss: torch.Tensor  # the mean over ``units``
+    units: int  # what the loss averages over: answer tokens, image-text pairs, fired speech tokens
+    logs: dict[str, float]  # the loss and its parts (itc, itm, itg; ce, quantity), as numbers
+    logits: torch.Tensor | None = None
+    # Each sample's summed loss and units (a mixture's per-task losses), when the batch names tasks.
+    row_loss: torch.Tensor | None = None
+    row_units: torch.Tensor | None = None
 
 
 @dataclass
-class Batch:
-    """Left-padded model inputs; ``slots`` marks the positions media embeddings fill."""
+class LLMInputs:
+    """A batch spliced for the LLM: placeholders widened to their media, left-padded again."""
 
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor  # the pad id under media positions
+    inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    slots: torch.Tensor
-    order: list[tuple[str, int]]  # (modality, index) of each slot run, in row-major order
+    media_positions: torch.Tensor  # [B, L'] bool: the positions media fill
 
 
 class Modality(nn.Module):
@@ -81,9 +75,8 @@ class XLLM(nn.Module):
         self.encoders = nn.ModuleDict({m: mod.encoder for m, mod in modalities.items()})
         self.interfaces = nn.ModuleDict({m: mod.interface for m, mod in modalities.items()})
         self.adapters = nn.ModuleDict({m: mod.adapter for m, mod in modalities.items()})
-        names = "|".join(re.escape(marker(m)) for m in modalities)
-        self._marker_pattern = re.compile(f"({names})") if names else None
-        self._marker_to_modality = {marker(m): m for m in modalities}
+        # Parameter-free: an objective reads the model's parts, and the task names the one a stage optimises.
+        self.objectives = nn.ModuleDict({name: OBJECTIVES.get(name)() for name in OBJECTIVES.names()})
 
     @property
     def device(self) -> torch.device:
@@ -92,89 +85,119 @@ class XLLM(nn.Module):
     def modality(self, name: str) -> Modality:
         return Modality(self.encoders[name], self.interfaces[name], self.adapters[name])
 
-    def encode_media(self, samples: dict) -> dict[str, list[torch.Tensor]]:
-        return {m: self.modality(m)(samples[m]) for m in self.encoders if samples.get(m) is not None}
+    def train(self, mode: bool = True) -> "XLLM":
+        """Training mode for the modules that train only: a frozen LLM keeps its dropout off (and a Q-Former in
+        training keeps its own on), whoever calls ``train()``: the runner, DDP or a notebook."""
+        set_train_mode(self, mode)
+        return self
 
-    # ----------------------------------------------------------------- sequence assembly
+    # ----------------------------------------------------------------- data
 
-    def prompt_ids(self, text: str, media: dict[str, list[torch.Tensor]], order: list[tuple[str, int]]) -> list[int]:
-        """Token ids of a formatted prompt with ``MEDIA_SLOT`` runs where its markers stand; ``order`` grows by
-        one (modality, index) entry per marker."""
-        cursor = {m: sum(1 for used, _ in order if used == m) for m in media}
-        pieces = self._marker_pattern.split(text) if self._marker_pattern else [text]
-        ids: list[int] = []
-        for piece in pieces:
-            modality = self._marker_to_modality.get(piece)
-            if modality is None:
-                if piece:
-                    ids += self.llm.tokenize(piece)
-                continue
-            items = media.get(modality, [])
-            if cursor[modality] >= len(items):
-                raise ValueError(f"the prompts hold more {marker(modality)} markers than the {len(items)} "
-                                 f"{modality} inputs given")
-            ids += [MEDIA_SLOT] * items[cursor[modality]].shape[0]
-            order.append((modality, cursor[modality]))
+    def collator(self, with_answers: bool = True, pad_captions_to_max: bool = False) -> Collator:
+        """The collator that lays out this model's batches (its modalities, its LLM's prompt layout, and a
+        stage-1 interface's caption tokenizer)."""
+        captions = None
+        for interface in self.interfaces.values():
+            if getattr(interface, "tokenizer", None) is not None:
+                captions = CaptionTokens(interface.tokenizer, interface.max_text_length, pad_captions_to_max)
+        layout = None if self.llm is None else self.llm.layout
+        return Collator(list(self.encoders), layout, with_answers, captions)
+
+    def make_batch(self, inputs: dict | Batch, with_answers: bool) -> Batch:
+        """``inputs`` as a batch on the model's device; a dict is ``{"prompt": [...], "image": ..., ...}``."""
+        batch = inputs if isinstance(inputs, Batch) else self.collator(with_answers).from_columns(inputs)
+        return batch.to(self.device)
+
+    # ----------------------------------------------------------------- media in the prompt
+
+    def encode(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
+        return {m: self.modality(m)(media) for m, media in batch.media.items()}
+
+    def splice(self, batch: Batch, media: dict[str, list[torch.Tensor]]) -> LLMInputs:
+        """The LLM's inputs: each placeholder widened to its medium's embeddings, rows left-padded again.
+
+        Vectorised over the batch: every position gets a width (1 for a token, the medium's length for a
+        placeholder, 0 for padding or a truncated token), and cumulative widths place it in the new row.
+        """
+        order = batch.placeholder_modalities()
+        counts = Counter(order)
+        for modality in set(counts) | set(media):
+            if counts[modality] != len(media.get(modality, [])):
+                raise ValueError(f"{len(media.get(modality, []))} {modality} inputs given but the batch holds "
+                                 f"{counts[modality]} {marker(modality)} placeholders")
+        cursor: Counter = Counter()
+        pieces = []
+        for modality in order:
+            pieces.append(media[modality][cursor[modality]])
             cursor[modality] += 1
-        return ids
+        is_slot = batch.media_slots != NO_MEDIUM
+        widths = batch.attention_mask.long().clone()
+        if pieces:
+            widths[is_slot] = torch.tensor([p.shape[0] for p in pieces], device=widths.device)
+        widths = self._fit_prompts(widths, batch.labels, is_slot, batch.ids)
+        total = widths.sum(1)
+        width = int(total.max())
+        start = widths.cumsum(1) - widths + (width - total)[:, None]
+        rows, columns = ((widths > 0) & ~is_slot).nonzero(as_tuple=True)
+        placed = start[rows, columns]
+        input_ids = torch.full((len(batch), width), self.llm.layout.pad_token_id, dtype=batch.input_ids.dtype,
+                               device=widths.device)
+        input_ids[rows, placed] = batch.input_ids[rows, columns]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[rows, placed] = batch.labels[rows, columns]
+        attention_mask = (torch.arange(width, device=widths.device)[None, :] >= (width - total)[:, None]).long()
+        embeds = self.llm.embed(input_ids)
+        media_positions = torch.zeros_like(input_ids, dtype=torch.bool)
+        if pieces:
+            slot_rows, slot_columns = is_slot.nonzero(as_tuple=True)  # row-major: the order of ``pieces``
+            lengths = widths[slot_rows, slot_columns]
+            first = start[slot_rows, slot_columns].repeat_interleave(lengths)
+            offsets = torch.arange(int(lengths.sum()), device=widths.device) - (
+                lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+            target = (slot_rows.repeat_interleave(lengths), first + offsets)
+            embeds = embeds.index_put(target, torch.cat(pieces).to(embeds.dtype))
+            media_positions[target] = True
+        return LLMInputs(input_ids, embeds, attention_mask, labels, media_positions)
 
-    def assemble(self, samples: dict, media: dict[str, list[torch.Tensor]], with_answers: bool) -> Batch:
-        prompts = samples["prompt"]
-        histories = samples.get("history") or [None] * len(prompts)
-        answers = samples["answer"] if with_answers else [None] * len(prompts)
-        order: list[tuple[str, int]] = []
-        rows = []
-        for prompt, history, answer in zip(prompts, histories, answers):
-            text = self.llm.format_prompt(prompt, history)
-            rows.append(self.llm.build_sequence(self.prompt_ids(text, media, order), answer))
-        for m, items in media.items():
-            used = sum(1 for name, _ in order if name == m)
-            if used != len(items):
-                raise ValueError(f"{len(items)} {m} inputs given but the prompts hold {used} {marker(m)} markers")
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.llm.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in rows])
-        labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab in rows])
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
-        slots = input_ids == MEDIA_SLOT
-        input_ids[slots] = pad
-        device = self.device
-        return Batch(input_ids.to(device), attention_mask.to(device), labels.to(device), slots.to(device), order)
-
-    def embed(self, batch: Batch, media: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-        embeds = self.llm.embed(batch.input_ids)
-        if media:
-            # Row-major slot order is the order in which assembling consumed the media.
-            ordered = torch.cat([media[m][i] for m, i in batch.order])
-            embeds = embeds.masked_scatter(batch.slots.unsqueeze(-1), ordered.to(embeds.dtype))
-        return embeds
+    def _fit_prompts(self, widths: torch.Tensor, labels: torch.Tensor, is_slot: torch.Tensor,
+                     ids: list[str]) -> torch.Tensor:
+        """Rows whose prompt (text and media positions) exceeds ``llm.max_prompt_length``: an error, or
+        (``llm.overflow: truncate``) their first tokens dropped, never a medium."""
+        limit = self.llm.max_prompt_length
+        if limit is None:
+            return widths
+        prompt = widths * (labels == IGNORE_INDEX)
+        lengths = prompt.sum(1)
+        for row in (lengths > limit).nonzero().flatten().tolist():
+            length = int(lengths[row])
+            if self.llm.overflow != "truncate":
+                raise ValueError(f"sample {ids[row]!r}: a prompt of {length} positions exceeds "
+                                 f"llm.max_prompt_length={limit} (set llm.overflow=truncate to keep its end instead)")
+            excess = length - limit
+            dropped = widths[row].cumsum(0) <= excess
+            if int(widths[row][dropped].sum()) != excess or bool((dropped & is_slot[row]).any()):
+                raise ValueError(f"sample {ids[row]!r}: truncating its {length}-position prompt to {limit} would "
+                                 "cut a media span")
+            widths[row, dropped] = 0
+            log.warning("sample %r: prompt of %d positions truncated to its last %d (llm.max_prompt_length)",
+                        ids[row], length, limit)
+        return widths
 
     # ----------------------------------------------------------------- training and generation
 
-    def forward(self, samples: dict, objective: Callable[["XLLM", dict], Any] | None = None):
-        """LLM loss on the answers; ``samples`` holds ``prompt``, ``answer``, optional ``history`` and media.
-
-        ``objective(model, samples)``, when given, is computed instead: a stage whose loss is not the LLM's (Q-Former
-        pre-training) still runs inside the model's forward, where DDP's gradient synchronisation hooks in.
-        """
-        if objective is not None:
-            return objective(self, samples)
-        self._require_llm()
-        media = self.encode_media(samples)
-        batch = self.assemble(samples, media, with_answers=True)
-        out = self.llm(batch.input_ids, self.embed(batch, media), batch.attention_mask, batch.labels)
-        return Output(out.loss, out.logits, int((batch.labels[:, 1:] != IGNORE_INDEX).sum()))
+    def forward(self, batch: Batch, objective: str = "lm") -> ModelOutput:
+        """The loss of ``objective`` (a registered objective: ``lm``, ``qformer_pretrain``, ``cif_asr``)."""
+        return self.objectives[objective](self, batch)
 
     @torch.no_grad()
-    def generate(self, samples: dict, max_new_tokens: int = 40, **generation_kwargs) -> list[str]:
-        self._require_llm()
-        media = self.encode_media(samples)
-        batch = self.assemble(samples, media, with_answers=False)
-        rows = self.llm.generate(batch.input_ids, self.embed(batch, media), batch.attention_mask,
-                                 max_new_tokens, **generation_kwargs)
-        return [self.llm.decode(ids) for ids in rows]
+    def generate(self, inputs: Batch | dict, objective: str = "lm", **kwargs) -> list[str]:
+        """Text per sample: the LLM's answer (``lm``), or a stage-1 interface's own decoding (``cif_asr``).
 
-    def _require_llm(self) -> None:
+        ``inputs`` may be ``{"prompt": [...], "image": <media in marker order>}``, as in a notebook."""
+        return self.objectives[objective].predict(self, self.make_batch(inputs, with_answers=False), **kwargs)
+
+    def require_llm(self) -> LLMBackend:
         if self.llm is None:
             raise ValueError("this model was built without an LLM (model.llm.backend: none); it serves objectives "
                              "that never read one, such as Q-Former pre-training")
+        return self.llm

@@ -21,7 +21,7 @@ import torch
 from av.audio.resampler import AudioResampler
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 
-from xllm.common.registry import registry
+from xllm.processors.registry import register_processor
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ FEATURES = ("log_mel", "fbank")
 ON_TOO_LONG = ("trim", "error")
 
 
-@registry.register("processor", "audio")
+@register_processor("audio")
 class AudioProcessor:
     """A file path or waveform -> [n_mels, frames] features, with the bad-input rules of a training set.
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from xllm.common.registry import registry
+from xllm.processors.registry import register_processor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,7 +30,7 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image file {path}: {error}") from None
 
 
-@registry.register("processor", "image")
+@register_processor("image")
 class ImageProcessor:
     @dataclass
     class Config:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xllm.common.registry import registry
+from xllm.processors.registry import register_processor
 
 
-@registry.register("processor", "text")
+@register_processor("text")
 class TextProcessor:
     @dataclass
     class Config:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from xllm.common.registry import registry
+from xllm.processors.registry import register_processor
 from xllm.processors.image import CLIP_MEAN, CLIP_STD, ImageProcessor
 
 SAMPLINGS = ("uniform", "fps")
@@ -142,7 +142,7 @@ def read_frames(path: str | Path, num_frames: int, sampling: str = "uniform", fp
     return _pad_short(read(path, num_frames, sampling, fps), num_frames, path, on_short)
 
 
-@registry.register("processor", "video")
+@register_processor("video")
 class VideoProcessor:
     @dataclass
     class Config:

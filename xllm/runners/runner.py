@@ -1,58 +1,36 @@
 """The training loop: one stage of any modality, as the run config describes it.
 
-AdamW (no decay on norms and biases), linear warm-up then cosine (or linear, or constant) schedule, gradient
-accumulation that averages over answer tokens exactly, optional autocast, DDP under ``torchrun``, validation
-loss, JSON-lines + TensorBoard logs, and checkpoints that resume to the same step, data order and RNG state.
+The runner gets a model the builder has already made trainable (``model.trainable``), a task (the objective
+and how it is scored) and data loaders whose collator made the batches; it knows no model part and no
+dataset. AdamW (no decay on norms and biases), linear warm-up then cosine (or linear, or constant) schedule,
+gradient accumulation that averages over the task's units exactly, optional autocast, DDP under
+``torchrun``, validation loss, JSON-lines + TensorBoard logs, and checkpoints that resume to the same step,
+data order and RNG state.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from xllm.common import dist
 from xllm.common.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, restore_rng,
                                     save_checkpoint)
+from xllm.common.dtypes import AMP_DTYPES
 from xllm.common.logging import MetricLogger
-from xllm.datasets.collate import collate
-from xllm.models.trainable import apply_trainable, parameter_table, set_train_mode
+from xllm.runners.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
 
-class EpochSampler(Sampler[int]):
-    """A permutation fixed by (seed, epoch), sharded across ranks, that can start part-way for a resume."""
-
-    def __init__(self, length: int, seed: int, shuffle: bool = True) -> None:
-        self.length, self.seed, self.shuffle = length, seed, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
-        else:
-            order = list(range(self.length))
-        return order[dist.rank():: dist.world_size()]
-
-    def __iter__(self):
-        return iter(self._indices()[self.start:])
-
-    def __len__(self) -> int:
-        return len(self._indices()) - self.start
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm weights (1-D tensors): decaying them only fights the normalisation."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -61,41 +39,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"run.lr_schedule must be cosine, linear or constant, got {schedule!r}")
+def parameter_table(model: nn.Module, depth: int = 2) -> str:
+    """A table of trainable and frozen parameter counts per module, ``depth`` name levels deep."""
+    rows: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        key = ".".join(name.split(".")[:depth])
+        counts = rows.setdefault(key, [0, 0])
+        counts[0 if param.requires_grad else 1] += param.numel()
+    width = max([len(k) for k in rows] + [6])
+    lines = [f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}", "-" * (width + 28)]
+    for key, (train, frozen) in rows.items():
+        lines.append(f"{key:<{width}}  {train:>12,}  {frozen:>12,}")
+    total_train = sum(v[0] for v in rows.values())
+    total_frozen = sum(v[1] for v in rows.values())
+    lines += ["-" * (width + 28), f"{'total':<{width}}  {total_train:>12,}  {total_frozen:>12,}"]
+    return "\n".join(lines)
 
 
 class Runner:
-    def __init__(self, cfg: DictConfig, model, task, train_set: Dataset, val_set: Dataset | None) -> None:
-        self.cfg, self.run = cfg, cfg.run
-        self.task, self.train_set, self.val_set = task, train_set, val_set
-        self.output_dir = Path(self.run.output_dir)
-        self.device = dist.pick_device(self.run.device)
+    def __init__(self, run: DictConfig, model: nn.Module, task, train_loader: DataLoader,
+                 val_loader: DataLoader | None = None) -> None:
+        self.run, self.task = run, task
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.output_dir = Path(run.output_dir)
+        self.device = dist.pick_device(run.device)
         self.model = model.to(self.device)
-        trainable = apply_trainable(self.model, list(cfg.model.trainable))
-        if not trainable:
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("model.trainable names no parameter: nothing would train")
         if dist.is_main():
             print(parameter_table(self.model))
         self.wrapped = self._wrap(self.model)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.run.weight_decay), lr=self.run.lr,
-                                           betas=tuple(self.run.betas))
-        self.sampler = None if isinstance(train_set, IterableDataset) else EpochSampler(len(train_set), self.run.seed)
-        self.loader = DataLoader(train_set, batch_size=self.run.batch_size, sampler=self.sampler,
-                                 collate_fn=collate, num_workers=self.run.num_workers, drop_last=True)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, run.weight_decay), lr=run.lr,
+                                           betas=tuple(run.betas))
+        # A map-style dataset's sampler can start part-way through an epoch (``set_position``) for a resume.
+        sampler = train_loader.sampler
+        self.sampler = sampler if hasattr(sampler, "set_position") else None
         self.total_steps = self._total_steps()
-        min_ratio = self.run.min_lr / self.run.lr if self.run.lr else 0.0
+        min_ratio = run.min_lr / run.lr if run.lr else 0.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, self.total_steps, self.run.warmup_steps, self.run.lr_schedule, min_ratio))
+            s, self.total_steps, run.warmup_steps, run.lr_schedule, min_ratio))
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
 
@@ -115,9 +97,9 @@ class Runner:
             if self.run.max_steps is None:
                 raise ValueError("run.max_steps is required for streaming (webdataset) training data")
             return self.run.max_steps
-        per_epoch = len(self.loader) // self.run.grad_accum_steps
+        per_epoch = len(self.train_loader) // self.run.grad_accum_steps
         if per_epoch == 0:
-            raise ValueError(f"{len(self.train_set)} training samples make no optimizer step at batch "
+            raise ValueError(f"{len(self.train_loader.dataset)} training samples make no optimizer step at batch "
                              f"{self.run.batch_size} x {self.run.grad_accum_steps} accumulation")
         total = per_epoch * self.run.max_epochs
         return min(total, self.run.max_steps) if self.run.max_steps is not None else total
@@ -152,13 +134,7 @@ class Runner:
     def _autocast(self):
         if self.run.amp is None:
             return torch.autocast(self.device.type, enabled=False)
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-        if self.run.amp not in dtypes:
-            raise ValueError(f"run.amp must be bf16, fp16 or null, got {self.run.amp!r}")
-        return torch.autocast(self.device.type, dtype=dtypes[self.run.amp])
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.run.amp])
 
     def train(self) -> Path | None:
         """Runs to ``total_steps``; returns the last checkpoint folder."""
@@ -168,14 +144,14 @@ class Runner:
                         dynamic_ncols=True)
         last_checkpoint = None
         window_weight, window_logs, micro = 0.0, {}, 0
-        set_train_mode(self.model, training=True)
+        self.model.train()
         while self.step < self.total_steps:
             if self.sampler is not None:
                 self.sampler.set_position(self.epoch, self.batches_done * run.batch_size)
-            for batch in self.loader:
+            for batch in self.train_loader:
                 self.batches_done += 1
                 with self._autocast():
-                    out = self.task.train_step(self.wrapped, self._to_device(batch))
+                    out = self.task.train_step(self.wrapped, batch.to(self.device))
                 scaler.scale(out.loss * out.weight).backward()
                 window_weight += out.weight
                 for key, value in out.logs.items():
@@ -235,24 +211,22 @@ class Runner:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        if self.val_set is None:
+        if self.val_loader is None:
             return None
-        set_train_mode(self.model, training=False)
-        loader = DataLoader(self.val_set, batch_size=self.run.eval_batch_size, collate_fn=collate,
-                            num_workers=self.run.num_workers)
+        self.model.eval()
         total_loss = total_weight = 0.0
         # Validation must not consume the training RNG, or a resumed run would diverge from an unbroken one.
         state = torch.get_rng_state(), random.getstate()
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(self.val_loader):
             if self.run.val_max_batches is not None and index >= self.run.val_max_batches:
                 break
             with self._autocast():
-                out = self.task.train_step(self.model, self._to_device(batch))
+                out = self.task.train_step(self.model, batch.to(self.device))
             total_loss += out.loss.item() * out.weight
             total_weight += out.weight
         torch.set_rng_state(state[0])
         random.setstate(state[1])
-        set_train_mode(self.model, training=True)
+        self.model.train()
         loss = total_loss / max(total_weight, 1)
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)

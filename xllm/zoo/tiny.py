@@ -24,7 +24,7 @@ from transformers import Blip2VisionConfig, Blip2VisionModel, LlamaConfig, Llama
 from xllm.common.paths import cache_dir
 from xllm.world.render import RENDER_VERSION, render
 from xllm.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
-from xllm.models.llm.base import IGNORE_INDEX
+from xllm.processors.batch import IGNORE_INDEX
 from xllm.processors.image import ImageProcessor
 from xllm.runners.runner import lr_factor
 from xllm.zoo.corpus import world_documents

@@ -31,11 +31,11 @@ from transformers import get_cosine_schedule_with_warmup
 
 from xllm.world.scenes import ATTRIBUTES, COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, sample_scene
 from xllm.world.scenes import caption as scene_caption
-from xllm.models.llm.base import IGNORE_INDEX
+from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import MAX_BLANK_LENGTH
-from xllm.models.xllm import marker, media_span
+from xllm.processors.collator import marker, media_span
 from xllm.zoo.update import clipped_update
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,11 @@ def initialise(model: nn.Module, std: float) -> None:
 
 def document_row(backend: ChatGLMBackend, doc: Document) -> tuple[list[int], list[int]]:
     """Ids and labels of one document, the span's text tokenised on its own like a medium's slots."""
-    before, *after = backend.format_prompt(doc.query).split(IMAGE_MARKER)
-    prompt = backend.tokenize(before)
+    before, *after = backend.layout.format_prompt(doc.query).split(IMAGE_MARKER)
+    prompt = backend.layout.tokenize(before)
     if after:
-        prompt += backend.tokenize(doc.span_text) + backend.tokenize(after[0])
-    return backend.build_sequence(prompt, doc.answer)
+        prompt += backend.layout.tokenize(doc.span_text) + backend.layout.tokenize(after[0])
+    return backend.layout.build_sequence(prompt, doc.answer)
 
 
 def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

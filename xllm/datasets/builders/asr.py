@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from xllm.common.registry import registry
+from xllm.common.config import choice
+from xllm.common.paths import resolve_path
 from xllm.processors.audio import AudioProcessor
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class ASRDataset(Dataset):
 @dataclass
 class ASRBuilderConfig:
     storage: str = ""  # the corpus folder
-    layout: str = "kaldi"  # "kaldi", "aishell1", "aishell2" or "manifest"
+    layout: str = choice(*LAYOUTS)
     # Where a split lives under storage: a data folder (kaldi, aishell2) or a manifest file; aishell1 uses the
     # split name itself (data_aishell/wav/{split}).
     split_path: str = "{split}"
@@ -197,20 +198,19 @@ class ASRBuilderConfig:
     max_samples: int | None = None
 
 
-@registry.register("builder", "asr")
 class ASRBuilder:
+    """A corpus's utterances, by split, in any of the layouts above (the base of the speech builders)."""
+
     Config = ASRBuilderConfig
 
     def __init__(self, cfg) -> None:
-        if cfg.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {cfg.layout!r}")
         if not cfg.storage:
             raise ValueError("the asr builder needs 'storage', the corpus folder")
         self.cfg = cfg
 
     def build(self, split: str) -> ASRDataset:
         cfg = self.cfg
-        root = Path(cfg.storage).expanduser()
+        root = resolve_path(cfg.storage)
         location = root / cfg.split_path.format(split=split)
         if cfg.layout == "kaldi":
             records = read_kaldi_dir(location, cfg.skip_missing)

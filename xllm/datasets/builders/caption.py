@@ -17,8 +17,9 @@ from typing import Any, Callable
 import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
 
-from xllm.common.paths import cache_dir
-from xllm.common.registry import registry
+from xllm.common.config import choice
+from xllm.common.paths import cache_dir, resolve_path
+from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
 from xllm.processors.image import ImageProcessor
 
@@ -35,7 +36,7 @@ class CaptionBuilderConfig:
     lang: str = "en"  # the captions' language, for evaluation ("zh" scores characters)
     prompts: list[str] = field(default_factory=lambda: ["<Image><ImageHere></Image> Describe the image."])
     image_size: int = 224  # the image encoder's input size
-    on_bad_sample: str = "error"  # "error" stops at a missing field or file; "skip" drops it and logs the count
+    on_bad_sample: str = choice("error", "skip")  # "error" stops at a missing field or file; "skip" drops it, counted
     max_samples: int | None = None
 
 
@@ -48,13 +49,13 @@ def prepare_storage(cfg, spec_class: type = WorldImageSpec, write: Callable = wr
     if cfg.world is None:
         if not cfg.storage:
             raise ValueError("dataset needs 'storage' (a data folder) or 'world' (generate the synthetic world)")
-        return Path(cfg.storage).expanduser()
+        return resolve_path(cfg.storage)
     try:
         spec = spec_class(**dict(cfg.world))
     except TypeError as error:
         raise ValueError(f"bad 'world' block {dict(cfg.world)}: {error}") from None
     digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.storage).expanduser() if cfg.storage else cache_dir() / "world" / f"{kind}-{digest}"
+    root = resolve_path(cfg.storage) if cfg.storage else cache_dir() / "world" / f"{kind}-{digest}"
     write(spec, root)
     return root
 
@@ -91,12 +92,6 @@ def read_json_list(path: Path, what: str) -> list:
     return records
 
 
-def check_on_bad_sample(value: str) -> None:
-    """A builder's ``on_bad_sample`` is checked when it is made, before any record is read."""
-    if value not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {value!r}")
-
-
 def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
                          media_field: str = "image") -> list[dict]:
     """Records of a caption JSON; a record lacking a field or a media file is an error naming both.
@@ -122,12 +117,12 @@ def read_caption_records(path: Path, caption_field: str, image_root: Path, on_ba
     return kept
 
 
-@registry.register("builder", "coco_caption")
+@register_builder("coco_caption")
 class CocoCaptionBuilder:
     Config = CaptionBuilderConfig
+    metric = "caption"
 
     def __init__(self, cfg) -> None:
-        check_on_bad_sample(cfg.on_bad_sample)
         self.cfg = cfg
 
     def build(self, split: str) -> CaptionDataset:
@@ -177,7 +172,7 @@ class ShardDataset(IterableDataset):
             log.warning("skipped %d shard samples lacking an image or caption (on_bad_sample: skip)", skipped)
 
 
-@registry.register("builder", "webdataset_caption")
+@register_builder("webdataset_caption")
 class ShardCaptionBuilder(CocoCaptionBuilder):
     Config = ShardBuilderConfig
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from xllm.common.registry import registry
+from xllm.datasets.registry import register_builder
 from xllm.datasets.builders.asr import ASRRecord
 from xllm.datasets.builders.speech_instruction import (SpeechInstructionDataset, WorldSpeechBuilder,
                                                        WorldSpeechConfig, prompts_of)
@@ -68,7 +68,7 @@ class WorldMASRConfig(WorldSpeechConfig):
     image_size: int = 224  # the image encoder's input size; the scene is drawn at it
 
 
-@registry.register("builder", "world_masr")
+@register_builder("world_masr")
 class WorldMASRBuilder(WorldSpeechBuilder):
     Config = WorldMASRConfig
 

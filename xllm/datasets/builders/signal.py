@@ -2,9 +2,8 @@
 
 A record is ``{"id", "signal": [[c1, c2, ...], ...] (steps x channels), "answer": ...}``. Every series is
 checked at load time: a record with the wrong number of channels is an error naming the record and file.
-Samples are ``{"id", "signal" ([channels, steps], normalised), "prompt", "answer"}``: channels first, so
-series of different lengths batch by padding along time. With ``world`` set, the synthetic world's
-device-status samples are generated first.
+Samples are ``{"id", "signal" ([channels, steps], normalised by ``SignalProcessor``), "prompt", "answer"}``.
+With ``world`` set, the synthetic world's device-status samples are generated first.
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
-from xllm.common.registry import registry
+from xllm.datasets.registry import register_builder
+from xllm.processors.signal import SignalProcessor
 from xllm.datasets.builders.caption import prepare_storage, read_json_list
-from xllm.world.device import CHANNEL_MEAN, CHANNEL_STD, command_report, parse_command
+from xllm.world.device import CHANNEL_MEAN, CHANNEL_STD
 from xllm.world.signals import WorldSignalSpec, write_world_signals
-from xllm.eval.caption_metrics import caption_report
 
 
 @dataclass
@@ -61,30 +59,21 @@ def read_signal_records(path: Path, cfg) -> list[dict]:
 class SignalTextDataset(Dataset):
     def __init__(self, records: list[dict], cfg, training: bool) -> None:
         self.records, self.cfg, self.training = records, cfg, training
-        self.mean = torch.tensor(list(cfg.mean), dtype=torch.float32)[:, None]
-        self.std = torch.tensor(list(cfg.std), dtype=torch.float32)[:, None]
+        self.processor = SignalProcessor(list(cfg.mean), list(cfg.std))
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        series = torch.tensor(record[self.cfg.signal_field], dtype=torch.float32).T  # [channels, steps]
         prompt = random.choice(self.cfg.prompts) if self.training else self.cfg.prompts[0]
-        return {"id": str(record.get("id", index)), "signal": (series - self.mean) / self.std, "prompt": prompt,
-                "answer": record[self.cfg.answer_field]}
+        return {"id": str(record.get("id", index)), "signal": self.processor(record[self.cfg.signal_field]),
+                "prompt": prompt, "answer": record[self.cfg.answer_field]}
 
-    def report(self, references: list[str], hypotheses: list[str], lang: str) -> dict[str, float]:
-        """Caption metrics, plus command accuracy when every reference gives one of the world's commands."""
-        report = caption_report(references, hypotheses, lang)
-        if all(parse_command(r) is not None for r in references):
-            report.update(command_report(references, hypotheses))
-        return report
-
-
-@registry.register("builder", "signal_text")
+@register_builder("signal_text")
 class SignalTextBuilder:
     Config = SignalTextConfig
+    metric = "command"
 
     def __init__(self, cfg) -> None:
         if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:

@@ -5,8 +5,8 @@
 media span and asks for a transcript in the utterance's language; the answer is the transcript.
 
 Two builders: ``asr_instruction`` over any corpus the ``asr`` readers know (Kaldi, AISHELL-1/2, manifests), and
-``world_speech``, the synthetic world's spoken captions, synthesised into the cache on first use. The datasets
-score an evaluation with CER and WER (``report``, which the ``multitask`` task uses).
+``world_speech``, the synthetic world's spoken captions, synthesised into the cache on first use. Both are
+scored with CER and WER (the ``asr`` metric), each utterance in its own language.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from xllm.common.registry import registry
+from xllm.datasets.registry import register_builder
+from xllm.common.paths import resolve_path
 from xllm.datasets.builders.asr import ASRBuilder, ASRBuilderConfig, ASRRecord, read_manifest
 from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
-from xllm.eval.asr_metrics import asr_report
 from xllm.processors.audio import AudioProcessor
 
 
@@ -56,18 +56,6 @@ class SpeechInstructionDataset(Dataset):
         speech = self.processor(record.audio, utt_id=record.utt_id)
         return {"id": record.utt_id, "speech": speech, "prompt": prompt, "answer": record.text, "lang": lang}
 
-    def report(self, references: list[str], hypotheses: list[str | None], lang: str) -> dict[str, float]:
-        """CER and WER of an evaluation over the dataset's first utterances, in order, each scored in its own
-        language (``lang``, the dataset's default, is already each record's fallback)."""
-        if len(references) > len(self.records):
-            raise ValueError(f"report: {len(references)} references for a dataset of {len(self.records)} utterances")
-        records = self.records[: len(references)]
-        for index, (record, reference) in enumerate(zip(records, references)):
-            if record.text != reference:
-                raise ValueError(f"report: reference {index} ({reference!r}) is not the transcript of utterance "
-                                 f"{record.utt_id!r} ({record.text!r}); pass the dataset's samples in order")
-        return asr_report(references, hypotheses, [self.language(r) for r in records])
-
 
 @dataclass
 class ASRInstructionConfig(ASRBuilderConfig):
@@ -75,9 +63,10 @@ class ASRInstructionConfig(ASRBuilderConfig):
     prompts: dict[str, list[str]] = field(default_factory=default_prompts)  # per language; the first evaluates
 
 
-@registry.register("builder", "asr_instruction")
+@register_builder("asr_instruction")
 class ASRInstructionBuilder(ASRBuilder):
     Config = ASRInstructionConfig
+    metric = "asr"
 
     def build(self, split: str) -> SpeechInstructionDataset:
         records = super().build(split).records
@@ -95,9 +84,10 @@ class WorldSpeechConfig:
     max_samples: int | None = None
 
 
-@registry.register("builder", "world_speech")
+@register_builder("world_speech")
 class WorldSpeechBuilder:
     Config = WorldSpeechConfig
+    metric = "asr"
 
     def __init__(self, cfg) -> None:
         try:
@@ -108,7 +98,7 @@ class WorldSpeechBuilder:
 
     def records(self, split: str) -> list[ASRRecord]:
         """The split's utterances (``max_samples`` at most), the corpus synthesised first if need be."""
-        root = ensure_corpus(self.spec, self.cfg.storage or None)
+        root = ensure_corpus(self.spec, resolve_path(self.cfg.storage) if self.cfg.storage else None)
         manifest, prefix = manifest_for(root, split)
         records = [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)]
         return records if self.cfg.max_samples is None else records[: self.cfg.max_samples]

@@ -13,11 +13,10 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from xllm.common.registry import registry
-from xllm.datasets.builders.caption import check_on_bad_sample, prepare_storage, read_caption_records
-from xllm.world.motion import motion_report
+from xllm.datasets.registry import register_builder
+from xllm.common.config import choice
+from xllm.datasets.builders.caption import prepare_storage, read_caption_records
 from xllm.world.videos import WorldVideoSpec, write_world_videos
-from xllm.eval.caption_metrics import caption_report
 from xllm.processors.video import VideoProcessor
 
 
@@ -32,11 +31,11 @@ class VideoCaptionConfig:
     prompts: list[str] = field(default_factory=lambda: ["<Video><VideoHere></Video> Describe the video."])
     image_size: int = 224
     num_frames: int = 8
-    sampling: str = "uniform"  # uniform | fps
+    sampling: str = choice("uniform", "fps")
     fps: float | None = None
-    backend: str = "pyav"  # pyav | decord
-    on_short: str = "repeat"  # repeat | error
-    on_bad_sample: str = "error"
+    backend: str = choice("pyav", "decord")
+    on_short: str = choice("repeat", "error")
+    on_bad_sample: str = choice("error", "skip")
     max_samples: int | None = None
 
 
@@ -53,22 +52,13 @@ class VideoCaptionDataset(Dataset):
         return {"id": str(record.get("video_id", index)), "video": self.processor(self.root / record["video"]),
                 "prompt": prompt, "answer": record[self.cfg.caption_field]}
 
-    def report(self, references: list[str], hypotheses: list[str], lang: str) -> dict[str, float]:
-        """Caption metrics, plus direction/colour/kind accuracy when the captions follow the world's motion grammar."""
-        report = caption_report(references, hypotheses, lang)
-        try:
-            report.update(motion_report(references, hypotheses, lang))
-        except ValueError:  # captions from outside the world: their motion cannot be parsed
-            pass
-        return report
 
-
-@registry.register("builder", "video_caption")
+@register_builder("video_caption")
 class VideoCaptionBuilder:
     Config = VideoCaptionConfig
+    metric = "motion"
 
     def __init__(self, cfg) -> None:
-        check_on_bad_sample(cfg.on_bad_sample)
         self.cfg = cfg
 
     def build(self, split: str) -> VideoCaptionDataset:

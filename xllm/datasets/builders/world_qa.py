@@ -13,19 +13,15 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from xllm.common.registry import registry
-from xllm.datasets.builders.caption import (CaptionBuilderConfig, check_on_bad_sample, prepare_storage,
-                                           read_caption_records)
+from xllm.datasets.registry import register_builder
+from xllm.common.config import choice
+from xllm.datasets.builders.caption import CaptionBuilderConfig, prepare_storage, read_caption_records
 from xllm.world.scenes import NUMBER_ZH
-from xllm.eval.caption_metrics import caption_report
 from xllm.processors.image import ImageProcessor
-
-MODES = ("qa", "dialogue")
-
 
 @dataclass
 class WorldQAConfig(CaptionBuilderConfig):
-    mode: str = "qa"  # qa | dialogue
+    mode: str = choice("qa", "dialogue")
     question_prompt: str = "<Image><ImageHere></Image> {question}"  # qa mode: the image with the question
     describe_prompt: str = "<Image><ImageHere></Image> Describe the image."  # dialogue mode: the first round
 
@@ -53,18 +49,13 @@ class WorldQADataset(Dataset):
         first_answer = record[self.cfg.caption_field]
         return {**sample, "prompt": question, "history": [(self.cfg.describe_prompt, first_answer)]}
 
-    def report(self, references: list[str], hypotheses: list[str], lang: str) -> dict[str, float]:
-        return caption_report(references, hypotheses, lang)
 
-
-@registry.register("builder", "world_qa")
+@register_builder("world_qa")
 class WorldQABuilder:
     Config = WorldQAConfig
+    metric = "caption"
 
     def __init__(self, cfg) -> None:
-        if cfg.mode not in MODES:
-            raise ValueError(f"world_qa mode must be one of {MODES}, got {cfg.mode!r}")
-        check_on_bad_sample(cfg.on_bad_sample)
         self.cfg = cfg
 
     def build(self, split: str) -> WorldQADataset:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xllm.common.registry import registry
+from xllm.models.registry import register_encoder
 
 
-@registry.register("encoder", "frames")
+@register_encoder("frames")
 class FrameEncoder(nn.Module):
     @dataclass
     class Config:

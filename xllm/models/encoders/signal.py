@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xllm.common.registry import registry
+from xllm.models.registry import register_encoder
 
 
-@registry.register("encoder", "signal")
+@register_encoder("signal")
 class SignalEncoder(nn.Module):
     @dataclass
     class Config:

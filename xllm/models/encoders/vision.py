@@ -13,10 +13,10 @@ from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from xllm.common.paths import resolve_path
-from xllm.common.registry import registry
+from xllm.models.registry import register_encoder
 
 
-@registry.register("encoder", "blip2_vision")
+@register_encoder("blip2_vision")
 class VisionEncoder(nn.Module):
     @dataclass
     class Config:
@@ -28,8 +28,6 @@ class VisionEncoder(nn.Module):
         num_attention_heads: int = 16
         intermediate_size: int = 6144
         ln_vision_eps: float | None = None  # None keeps the checkpoint's layer_norm_eps
-        mean: list[float] | None = None  # pixel normalisation; None: the image processor's defaults
-        std: list[float] | None = None
 
     def __init__(self, model: Blip2VisionModel, ln_vision_eps: float | None = None) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from xllm.common.paths import resolve_path
-from xllm.common.registry import registry
+from xllm.models.registry import register_encoder
 
 # Whisper's feature scaling maps the log10 mel floor (1e-10) to (-10 + 4) / 4.
 SILENCE_FLOOR = -1.5
@@ -76,7 +76,7 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"Whisper folder {folder} has no model.safetensors(.index.json) or pytorch_model.bin")
 
 
-@registry.register("encoder", "whisper")
+@register_encoder("whisper")
 class WhisperSpeechEncoder(nn.Module):
     @dataclass
     class Config:

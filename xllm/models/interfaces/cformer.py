@@ -20,7 +20,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from xllm.common.paths import resolve_path
-from xllm.common.registry import registry
+from xllm.models.registry import register_interface
 from xllm.models.interfaces.cif import CIF, CIFOutput
 
 
@@ -31,7 +31,7 @@ class CFormerOutput:
     cif: CIFOutput  # alphas, fired lengths and (with target lengths) the quantity loss
 
 
-@registry.register("interface", "cformer")
+@register_interface("cformer")
 class CFormerInterface(nn.Module):
     @dataclass
     class Config:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-from xllm.common.registry import registry
+from xllm.models.registry import register_interface
 
 
-@registry.register("interface", "qformer")
+@register_interface("qformer")
 class QFormerInterface(nn.Module):
     @dataclass
     class Config:

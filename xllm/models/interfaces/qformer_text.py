@@ -22,7 +22,7 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from xllm.common.paths import ZOO_PREFIX, resolve_path
-from xllm.common.registry import registry
+from xllm.models.registry import register_interface
 from xllm.models.interfaces.bert_init import init_text_branch_from_bert
 from xllm.models.interfaces.qformer import QFormerInterface
 
@@ -70,7 +70,7 @@ class LMHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
-@registry.register("interface", "qformer_text")
+@register_interface("qformer_text")
 class QFormerWithText(QFormerInterface):
     @dataclass
     class Config(QFormerInterface.Config):
@@ -110,16 +110,6 @@ class QFormerWithText(QFormerInterface):
         return interface
 
     # ----------------------------------------------------------------- text
-
-    def tokenize(self, texts: list[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[CLS] text [SEP]`` ids and their 0/1 mask, truncated to ``max_text_length``.
-
-        ``pad_to_max`` pads every batch to the same width, which gathering texts across processes needs.
-        """
-        encoded = self.tokenizer(list(texts), padding="max_length" if pad_to_max else "longest", truncation=True,
-                                 max_length=self.max_text_length, return_tensors="pt")
-        device = self.query_tokens.device
-        return encoded.input_ids.to(device), encoded.attention_mask.to(device)
 
     def decoder_input(self, ids: torch.Tensor) -> torch.Tensor:
         """The ids a caption is generated from: [DEC] in place of [CLS]."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xllm.common.registry import registry
+from xllm.models.registry import register_interface
 
 
-@registry.register("interface", "sequence")
+@register_interface("sequence")
 class SequenceInterface(nn.Module):
     @dataclass
     class Config:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from xllm.common.registry import registry
+from xllm.models.registry import register_interface
 
 
-@registry.register("interface", "video_qformer")
+@register_interface("video_qformer")
 class VideoQFormerInterface(nn.Module):
     @dataclass
     class Config:

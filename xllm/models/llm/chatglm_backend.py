@@ -12,30 +12,57 @@ compute alone.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from xllm.common.config import LLMConfig
 from xllm.common.paths import ZOO_PREFIX, resolve_path
-from xllm.common.registry import registry
-from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT, LLMBackend
+from xllm.models.llm.base import LLMBackend
 from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMOutput, build_prompt
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, clean_response
-
-log = logging.getLogger(__name__)
+from xllm.models.registry import register_llm
+from xllm.processors.batch import IGNORE_INDEX
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id", "pad_token_id")
 
 
-@registry.register("llm", "chatglm")
+class ChatGLMLayout:
+    """The text side: X-LLM's ``问：…\\n答：`` prompt, [gMASK] <sop>, the answer and <eop>."""
+
+    def __init__(self, tokenizer: ChatGLMTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.unk_token_id = tokenizer.unk_token_id
+
+    def format_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
+        if not history:
+            return f"问：{query}\n答："
+        return build_prompt(query, history)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.tokenize(text)
+
+    def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
+        ids = list(prompt_ids) + [self.tokenizer.gmask_token_id, self.tokenizer.bos_token_id]
+        labels = [IGNORE_INDEX] * len(ids)
+        if answer is None:
+            return ids, labels
+        answer_ids = self.tokenize(answer) + [self.tokenizer.eos_token_id]
+        return ids + answer_ids, labels + answer_ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        # ChatGLM's own post-processing: the NFKC normaliser turned full-width punctuation into ASCII, which
+        # comes back full-width next to Chinese, as the references are written.
+        return clean_response(self.tokenizer.decode(ids))
+
+
+@register_llm("chatglm")
 class ChatGLMBackend(LLMBackend):
     def __init__(self, model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer,
                  max_prompt_length: int | None = None, overflow: str = "refuse") -> None:
         super().__init__()
-        if overflow not in ("refuse", "truncate"):
-            raise ValueError(f"overflow must be 'refuse' or 'truncate', got {overflow!r}")
         if max_prompt_length is not None and max_prompt_length < 3:
             raise ValueError(f"max_prompt_length={max_prompt_length} cannot hold a token plus [gMASK] <sop>")
         config = model.config
@@ -46,11 +73,10 @@ class ChatGLMBackend(LLMBackend):
         if mismatches:
             raise ValueError(f"ChatGLM model and tokenizer {tokenizer.model_file} disagree: {'; '.join(mismatches)}")
         self.model = model
+        self.layout = ChatGLMLayout(tokenizer)
         self.tokenizer = tokenizer
         self.hidden_size = config.hidden_size
-        self.pad_token_id = tokenizer.pad_token_id
-        self.max_prompt_length = max_prompt_length
-        self.overflow = overflow
+        self.max_prompt_length, self.overflow = max_prompt_length, overflow
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, torch_dtype: torch.dtype | str | None = None,
@@ -61,8 +87,8 @@ class ChatGLMBackend(LLMBackend):
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
-    def from_config(cls, cfg: LLMConfig) -> "ChatGLMBackend":
-        """The backend a config's ``model.llm`` section names (``xllm.common.config.LLMConfig``): ``path`` is a
+    def from_config(cls, cfg) -> "ChatGLMBackend":
+        """The backend a config's ``model.llm`` section names (``xllm.models.config.LLMConfig``): ``path`` is a
         folder (or ``zoo:<tier>/<name>``) holding ``config.json``, the weights and ``ice_text.model``."""
         if cfg.gguf_file:
             raise ValueError(f"llm.gguf_file={cfg.gguf_file!r}: the chatglm backend reads the original checkpoint "
@@ -84,47 +110,6 @@ class ChatGLMBackend(LLMBackend):
         config = ChatGLMConfig.from_dict(config_dict)
         model = ChatGLMForConditionalGeneration.from_config(config, device="cpu", dtype=torch_dtype)
         return cls(model, ChatGLMTokenizer.from_pretrained(tokenizer_folder), **kwargs)
-
-    # ----------------------------------------------------------------- text layout
-
-    def format_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
-        if not history:
-            return f"问：{query}\n答："
-        return build_prompt(query, history)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.tokenize(text)
-
-    def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
-        ids = self._fit_prompt(list(prompt_ids)) + [self.tokenizer.gmask_token_id, self.tokenizer.bos_token_id]
-        labels = [IGNORE_INDEX] * len(ids)
-        if answer is None:
-            return ids, labels
-        answer_ids = self.tokenize(answer) + [self.tokenizer.eos_token_id]
-        return ids + answer_ids, labels + answer_ids
-
-    def _fit_prompt(self, prompt_ids: list[int]) -> list[int]:
-        if self.max_prompt_length is None:
-            return prompt_ids
-        limit = self.max_prompt_length - 2  # [gMASK] <sop> belong to the prompt
-        if len(prompt_ids) <= limit:
-            return prompt_ids
-        if self.overflow == "refuse":
-            raise ValueError(f"prompt of {len(prompt_ids)} + 2 tokens exceeds max_prompt_length="
-                             f"{self.max_prompt_length} (overflow='truncate' keeps its end instead)")
-        kept = prompt_ids[-limit:]
-        if kept.count(MEDIA_SLOT) != prompt_ids.count(MEDIA_SLOT):
-            raise ValueError(f"truncating a {len(prompt_ids)}-token prompt to {limit} would cut a media span")
-        log.warning("prompt of %d tokens truncated to its last %d (max_prompt_length=%d)",
-                    len(prompt_ids), limit, self.max_prompt_length)
-        return kept
-
-    def decode(self, ids: list[int]) -> str:
-        if self.tokenizer.eos_token_id in ids:
-            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-        # ChatGLM's own post-processing: the NFKC normaliser turned full-width punctuation into ASCII, which
-        # comes back full-width next to Chinese, as the references are written.
-        return clean_response(self.tokenizer.decode(ids))
 
     # ----------------------------------------------------------------- tensors
 

@@ -7,58 +7,27 @@ tokenizer's end-of-sequence token, which is what such templates close an assista
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from xllm.common.paths import resolve_path
-from xllm.common.registry import registry
-from xllm.models.llm.base import IGNORE_INDEX, MEDIA_SLOT, LLMBackend
-
-log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from xllm.common.dtypes import torch_dtype
+from xllm.common.paths import ZOO_PREFIX, resolve_path
+from xllm.models.llm.base import LLMBackend
+from xllm.models.registry import register_llm
+from xllm.processors.batch import IGNORE_INDEX
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
-    return DTYPES[name]
+class HFChatLayout:
+    """The text side: chat template, tokenisation, prompt + answer + eos with labels on the answer."""
 
-
-@registry.register("llm", "hf_causal")
-class HFCausalLM(LLMBackend):
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 max_prompt_length: int | None = None, overflow: str = "refuse",
-                 prompt_template: str = "{query}\n") -> None:
-        super().__init__()
-        if overflow not in ("refuse", "truncate"):
-            raise ValueError(f"llm.overflow must be 'refuse' or 'truncate', got {overflow!r}")
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_template: str = "{query}\n") -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no eos token; an answer would never end")
-        self.model = model
         self.tokenizer = tokenizer
-        self.hidden_size = model.config.hidden_size
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.max_prompt_length = max_prompt_length
-        self.overflow = overflow
         self.prompt_template = prompt_template
-
-    @classmethod
-    def from_config(cls, cfg) -> "HFCausalLM":
-        folder = resolve_path(cfg.path)
-        if cfg.path.startswith("zoo:") and not folder.is_dir():
-            raise FileNotFoundError(f"LLM folder {folder} is missing: build the zoo (python -m xllm.zoo build tiny)")
-        source = str(folder) if folder.exists() else cfg.path  # not a folder: a hub name
-        extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
-
-    # ----------------------------------------------------------------- text layout
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.unk_token_id = tokenizer.unk_token_id
 
     def format_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
         if self.tokenizer.chat_template is None:
@@ -74,29 +43,42 @@ class HFCausalLM(LLMBackend):
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
-        prompt_ids = self._fit_prompt(prompt_ids)
         if answer is None:
-            return prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
-        answer_ids = self.tokenize(answer) + [self.tokenizer.eos_token_id]
-        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-
-    def _fit_prompt(self, prompt_ids: list[int]) -> list[int]:
-        limit = self.max_prompt_length
-        if limit is None or len(prompt_ids) <= limit:
-            return prompt_ids
-        if self.overflow == "refuse":
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds llm.max_prompt_length={limit} "
-                             "(set llm.overflow=truncate to keep its end instead)")
-        kept = prompt_ids[-limit:]
-        if kept.count(MEDIA_SLOT) != prompt_ids.count(MEDIA_SLOT):
-            raise ValueError(f"truncating a {len(prompt_ids)}-token prompt to {limit} would cut a media span")
-        log.warning("prompt of %d tokens truncated to its last %d (llm.max_prompt_length)", len(prompt_ids), limit)
-        return kept
+            return list(prompt_ids), [IGNORE_INDEX] * len(prompt_ids)
+        answer_ids = self.tokenize(answer) + [self.eos_token_id]
+        return list(prompt_ids) + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    # ----------------------------------------------------------------- tensors
+
+@register_llm("hf_causal")
+class HFCausalLM(LLMBackend):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 max_prompt_length: int | None = None, overflow: str = "refuse",
+                 prompt_template: str = "{query}\n") -> None:
+        super().__init__()
+        self.model = model
+        self.layout = HFChatLayout(tokenizer, prompt_template)
+        self.hidden_size = model.config.hidden_size
+        self.max_prompt_length, self.overflow = max_prompt_length, overflow
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.layout.tokenizer
+
+    @classmethod
+    def from_config(cls, cfg) -> "HFCausalLM":
+        folder = resolve_path(cfg.path)
+        if cfg.path.startswith(ZOO_PREFIX) and not folder.is_dir():
+            raise FileNotFoundError(f"LLM folder {folder} is missing: build the zoo (python -m xllm.zoo build tiny)")
+        source = str(folder) if folder.exists() else cfg.path  # not a folder: a hub name
+        extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -110,12 +92,8 @@ class HFCausalLM(LLMBackend):
     @torch.no_grad()
     def generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, **generation_kwargs):
         kwargs = {"do_sample": False, "num_beams": 1, **generation_kwargs}
+        eos = self.layout.eos_token_id
         out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                                  pad_token_id=self.pad_token_id, **kwargs)
-        rows = []
-        for row in out.tolist():
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
-            rows.append(row)
-        return rows
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                  pad_token_id=self.layout.pad_token_id, **kwargs)
+        return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]

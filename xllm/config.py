@@ -1,0 +1,92 @@
+"""A run's whole configuration: ``model``, ``datasets`` and ``run``, each checked before anything is built.
+
+``load_config(path, options)`` reads the YAML file (a path, or one inside the packaged configs such as
+``tiny/stage2_image.yaml``), merges it over its ``base:``, applies ``--options a.b=c`` overrides, and checks
+every section: an unknown key (a typo in the file or in an option alike) or a value outside a field's choices
+is an error naming it, before anything is built or downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from xllm.common.config import ConfigError, check_top_level, choice, load_with_base, typed
+from xllm.common.dtypes import AMP_DTYPES
+from xllm.common.paths import find_config
+from xllm.datasets.config import resolve_datasets
+from xllm.eval.metrics import METRICS
+from xllm.models.config import resolve_model
+from xllm.tasks.registry import TASKS
+
+SECTIONS = ("model", "datasets", "run")
+
+
+@dataclass
+class RunConfig:
+    task: str = "llm"  # a registered task: llm | qformer_pretrain | cif_asr
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    device: str = "auto"  # "auto" picks CUDA when present, else CPU
+    amp: str | None = choice(None, *AMP_DTYPES)  # bf16 or fp16 autocast; None for full precision
+    max_epochs: int = 1
+    max_steps: int | None = None  # stops early when set
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = choice("cosine", "linear", "constant")
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 1.0
+    num_workers: int = 0
+    log_interval: int = 10
+    val_interval: int | None = None  # optimizer steps between validations; None: once per epoch
+    val_max_batches: int | None = None
+    save_interval: int | None = None  # optimizer steps between checkpoints; None: once per epoch
+    keep_last: int = 2
+    resume: str | None = None
+    max_new_tokens: int = 40
+    num_beams: int = 1
+    eval_split: str = "test"
+    eval_max_samples: int | None = None
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    distributed: str = choice("ddp", "fsdp")  # strategy when launched with torchrun
+
+
+def _check_names(cfg: DictConfig) -> None:
+    for registry, value, key in [(TASKS, cfg.run.task, "run.task"),
+                                 *[(METRICS, entry.metric, f"datasets.{name}.metric")
+                                   for name, entry in cfg.datasets.items()]]:
+        try:
+            registry.get(value)
+        except KeyError as error:
+            raise ConfigError(f"config key '{key}': {error.args[0]}") from None
+
+
+def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:
+    """The run's whole configuration, with ``--options key=value`` overrides applied, checked."""
+    path = find_config(cfg_path)
+    try:
+        raw = load_with_base(path, SECTIONS)
+        if options:
+            try:
+                overrides = OmegaConf.from_dotlist(list(options))
+            except OmegaConfBaseException as error:
+                raise ConfigError(f"bad --options {options}: {str(error).splitlines()[0]}") from None
+            check_top_level(overrides, SECTIONS, f"--options {' '.join(options)}")
+            raw = OmegaConf.merge(raw, overrides)
+        cfg = OmegaConf.create({
+            "model": resolve_model(raw.get("model")),
+            "datasets": resolve_datasets(raw.get("datasets")),
+            "run": typed(RunConfig, raw.get("run"), "run"),
+        })
+        _check_names(cfg)
+        return cfg
+    except ConfigError as error:
+        raise ConfigError(f"{cfg_path}: {error}") from None

@@ -1,0 +1,90 @@
+"""The ``model`` section of a config: its schema, the defaults per model type, and its check.
+
+Model defaults come from ``configs/models/{arch}/{model_type}.yaml`` and the run's ``model`` section overrides
+them. Each component block (encoder, interface, adapter, processor) is checked against the ``Config`` of the
+class registered under its name, so resolving a model section imports the model's components and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from xllm.common.config import ConfigError, as_list, choice, component, load_yaml, typed
+from xllm.common.dtypes import DTYPES
+from xllm.common.paths import configs_dir
+from xllm.models.registry import ADAPTERS, ENCODERS, INTERFACES, LLMS
+from xllm.processors.registry import PROCESSORS
+
+NO_LLM = "none"  # model.llm.backend of a model built without an LLM (stage 1 never reads one)
+
+
+@dataclass
+class LLMConfig:
+    backend: str = "hf_causal"  # a registered LLM backend, or "none": no LLM
+    path: str = ""  # a folder, "zoo:<tier>/<name>", or a hub name when the hub is reachable
+    dtype: str = choice(*DTYPES)
+    gguf_file: str | None = None  # GGUF weights inside ``path`` (the mini tier's LLM ships that way)
+    max_prompt_length: int | None = None  # prompt positions (text and media) a row may hold
+    overflow: str = choice("refuse", "truncate")  # a longer prompt: an error, or its end kept (with a warning)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ModalityConfig:
+    encoder: dict[str, Any] = field(default_factory=dict)  # {"name": <registered encoder>, ...its Config}
+    interface: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})
+    processor: dict[str, Any] = field(default_factory=dict)  # what load_model_and_preprocess returns; {} for none
+    shares: str | None = None  # another modality whose encoder and interface modules this one's build reuses
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "xllm"
+    model_type: str = "tiny"
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    modalities: dict[str, ModalityConfig] = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)  # module names or globs; everything else is frozen
+    # Original checkpoints converted at build time, before ``checkpoint``: LAVIS/X-LLM ``.pth`` files, Hugging
+    # Face ``Blip2*`` folders (``xllm.models.pretrained``); later ones win.
+    pretrained: list[str] = field(default_factory=list)
+    # Trained interfaces/adapters: a safetensors file or a run's checkpoint folder, or a list of them loaded in
+    # order (later ones win), e.g. the stage-2 run of each modality. ``Any``: OmegaConf has no ``str | list``.
+    checkpoint: Any = None
+
+
+PARTS = {"encoder": ENCODERS, "interface": INTERFACES, "adapter": ADAPTERS}
+
+
+def model_defaults(arch: str, model_type: str) -> DictConfig:
+    path = configs_dir() / "models" / arch / f"{model_type}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (configs_dir() / "models" / arch).glob("*.yaml"))
+        raise ConfigError(f"no model defaults for arch {arch!r}, model_type {model_type!r} ({path}); "
+                          f"known model types: {', '.join(available) or '(none)'}")
+    return load_yaml(path).get("model", OmegaConf.create())
+
+
+def resolve_model(model: Any) -> DictConfig:
+    """Defaults for the model's arch/model_type, overridden by ``model``, checked, components included."""
+    model = OmegaConf.create(model or {})
+    arch, model_type = model.get("arch", "xllm"), model.get("model_type", "tiny")
+    merged = OmegaConf.merge(model_defaults(arch, model_type), model)
+    checked = typed(ModelConfig, merged, "model")
+    if checked.llm.backend != NO_LLM and checked.llm.backend not in LLMS:
+        try:
+            LLMS.get(checked.llm.backend)
+        except KeyError as error:
+            raise ConfigError(f"config key 'model.llm.backend': {error.args[0]}") from None
+    if checked.checkpoint is not None and not all(isinstance(c, str) and c for c in as_list(checked.checkpoint)):
+        raise ConfigError(f"config key 'model.checkpoint' must be a path or a list of paths, got {checked.checkpoint}")
+    for name, modality in checked.modalities.items():
+        where = f"model.modalities.{name}"
+        for part, registry in PARTS.items():
+            checked.modalities[name][part] = component(registry, modality[part], f"{where}.{part}")
+        if modality.processor:
+            checked.modalities[name].processor = component(PROCESSORS, modality.processor, f"{where}.processor")
+    return checked

@@ -1,0 +1,39 @@
+"""The LLM's loss on the answers (stages 2 and 3) and generation with the LLM."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xllm.models.registry import register_objective
+from xllm.models.xllm import ModelOutput
+from xllm.processors.batch import IGNORE_INDEX, Batch
+
+
+@register_objective("lm")
+class LanguageModelling(nn.Module):
+    """Mean cross-entropy over every answer token of the batch (the answer's end token included)."""
+
+    def forward(self, model, batch: Batch):
+        llm = model.require_llm()
+        inputs = model.splice(batch, model.encode(batch))
+        out = llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, inputs.labels)
+        labels = inputs.labels[:, 1:]
+        units = int((labels != IGNORE_INDEX).sum())
+        result = ModelOutput(out.loss, units, {"loss": out.loss.item()}, logits=out.logits)
+        if batch.tasks and all(task is not None for task in batch.tasks):
+            # Per-sample sums for a mixture's per-task losses; the gradient flows through the mean above only.
+            with torch.no_grad():
+                losses = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels,
+                                         ignore_index=IGNORE_INDEX, reduction="none")
+            result.row_loss, result.row_units = losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+        return result
+
+    @torch.no_grad()
+    def predict(self, model, batch: Batch, max_new_tokens: int = 40, **generation_kwargs) -> list[str]:
+        llm = model.require_llm()
+        inputs = model.splice(batch, model.encode(batch))
+        rows = llm.generate(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, max_new_tokens,
+                            **generation_kwargs)
+        return [llm.decode(ids) for ids in rows]

@@ -1,0 +1,221 @@
+"""Samples -> ``Batch``: the prompt layout and tokenisation, done in the DataLoader workers.
+
+A sample is a dict of text fields (``id``, ``prompt``, ``answer``, ``history`` of earlier (query, answer)
+rounds, ``task``, ``lang``) and media fields named by modality (``image``, ``video``, ``speech``, ...), each a
+tensor, a list of tensors (several media in one prompt) or None. A prompt places a medium with a span such as
+``<Image><ImageHere></Image>``; the LLM's ``TextLayout`` formats the conversation (its chat template, or
+ChatGLM's ``问：…\\n答：``) and lays out prompt + answer with labels on the answer; each ``<ImageHere>`` becomes one
+``MEDIA_SLOT`` placeholder that the model widens to the medium's embeddings. The text around a marker is
+tokenised apart from it, so a medium never merges with the characters next to it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from xllm.processors.batch import IGNORE_INDEX, MEDIA_SLOT, NO_MEDIUM, Batch
+
+TEXT_FIELDS = ("id", "prompt", "answer", "history", "task", "lang")
+TAGS = {"image": "Image", "video": "Video", "speech": "Speech", "audio": "Audio"}
+
+
+def tag_of(modality: str) -> str:
+    """The prompt tag of a modality: ``<Image>``; new modalities get their name capitalised."""
+    return TAGS.get(modality, modality.capitalize())
+
+
+def marker(modality: str) -> str:
+    return f"<{tag_of(modality)}Here>"
+
+
+def media_span(modality: str) -> str:
+    """The prompt text that places one medium: ``<Image><ImageHere></Image>``."""
+    tag = tag_of(modality)
+    return f"<{tag}><{tag}Here></{tag}>"
+
+
+class TextLayout(Protocol):
+    """The text side of an LLM backend: picklable, so that DataLoader workers can run it."""
+
+    pad_token_id: int
+    unk_token_id: int | None
+
+    def format_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
+        """The prompt text for ``query`` after earlier (query, answer) rounds; media markers stay verbatim."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Ids of a piece of text, with no special tokens added."""
+
+    def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
+        """Ids and labels of prompt + answer + its end token (``answer=None``: a generation prompt). ``MEDIA_SLOT``
+        entries of ``prompt_ids`` come back in order; labels are ``IGNORE_INDEX`` but on the answer and end."""
+
+
+@dataclass
+class CaptionTokens:
+    """Answers tokenised for an interface's own text branch (a Q-Former's BERT tokenizer, stage 1)."""
+
+    tokenizer: Any  # a Hugging Face tokenizer with [CLS]/[SEP]/[PAD]
+    max_length: int
+    pad_to_max: bool = False  # equal widths on every rank, as gathering texts across processes needs
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(list(texts), padding="max_length" if self.pad_to_max else "longest",
+                                 truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+
+
+def collate_media(items: list[torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Equal shapes stack; shapes that differ in their last dimension only (speech frames, signal steps) are
+    zero-padded there and come with their lengths, the encoder's keyword arguments."""
+    if all(t.shape == items[0].shape for t in items):
+        return torch.stack(items)
+    if all(t.shape[:-1] == items[0].shape[:-1] for t in items):
+        longest = max(t.shape[-1] for t in items)
+        padded = torch.stack([F.pad(t, (0, longest - t.shape[-1])) for t in items])
+        return {"features": padded, "lengths": torch.tensor([t.shape[-1] for t in items])}
+    raise ValueError(f"cannot batch media of shapes {sorted({tuple(t.shape) for t in items})}")
+
+
+def media_list(value: torch.Tensor | list | None) -> list[torch.Tensor]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def unbatched(media: torch.Tensor | dict | list | None) -> list[torch.Tensor]:
+    """A batch of media (a tensor along its first dimension, or padded ``{"features", "lengths"}``) as a list."""
+    if media is None:
+        return []
+    if isinstance(media, dict):
+        return [features[..., :length] for features, length in zip(media["features"], media["lengths"].tolist())]
+    return list(media)
+
+
+class Collator:
+    """``collator(samples) -> Batch``. ``with_answers=False`` lays out generation prompts (the answers stay in the
+    batch as references)."""
+
+    def __init__(self, modalities: Sequence[str], layout: TextLayout | None = None, with_answers: bool = True,
+                 captions: CaptionTokens | None = None) -> None:
+        self.modalities = tuple(modalities)
+        self.layout, self.with_answers, self.captions = layout, with_answers, captions
+        self._markers = {marker(m): m for m in self.modalities}
+        names = "|".join(re.escape(m) for m in self._markers)
+        self._marker_pattern = re.compile(f"({names})") if names else None
+
+    def __call__(self, samples: list[dict]) -> Batch:
+        if not samples:
+            raise ValueError("a batch needs at least one sample")
+        for index, sample in enumerate(samples):
+            unknown = sorted(set(sample) - set(TEXT_FIELDS) - set(self.modalities))
+            if unknown:
+                raise ValueError(f"sample {sample.get('id', index)!r} holds {unknown}, which is neither a text field "
+                                 f"({', '.join(TEXT_FIELDS)}) nor a modality of the model ({', '.join(self.modalities)})")
+        ids = [str(s.get("id", i)) for i, s in enumerate(samples)]
+        answers = [s.get("answer") for s in samples]
+        batch = Batch(ids=ids, answers=answers, langs=[s.get("lang") for s in samples],
+                      tasks=[s.get("task") for s in samples], modalities=self.modalities)
+        for modality in self.modalities:
+            items = [item for s in samples for item in media_list(s.get(modality))]
+            if items:
+                batch.media[modality] = collate_media(items)
+        if self.layout is not None:
+            self._lay_out(batch, samples)
+        if self.captions is not None:
+            if any(not isinstance(a, str) for a in answers):
+                raise ValueError(f"samples {[i for i, a in zip(ids, answers) if not isinstance(a, str)]} have no "
+                                 "answer (caption) for the interface's text branch")
+            batch.captions = self.captions(answers)
+        return batch
+
+    def from_columns(self, inputs: dict) -> Batch:
+        """A batch from ``{"prompt": [...], "image": <media in marker order across the prompts>, ...}`` (the
+        notebook call ``model.generate({...})``): each prompt takes as many media as it holds markers."""
+        prompts = list(inputs["prompt"])
+        histories = inputs.get("history") or [None] * len(prompts)
+        answers = inputs.get("answer") or [None] * len(prompts)
+        samples = [{"id": str(i), "prompt": p, "history": h, "answer": a}
+                   for i, (p, h, a) in enumerate(zip(prompts, histories, answers))]
+        for modality in self.modalities:
+            given = unbatched(inputs.get(modality))
+            counts = [self._marker_counts(s)[modality] for s in samples]
+            if sum(counts) != len(given):
+                raise ValueError(f"the prompts hold {sum(counts)} {marker(modality)} markers but {len(given)} "
+                                 f"{modality} inputs were given")
+            start = 0
+            for sample, count in zip(samples, counts):
+                sample[modality] = given[start:start + count]
+                start += count
+        return self(samples)
+
+    # ----------------------------------------------------------------- text
+
+    def _texts(self, sample: dict) -> list[str]:
+        return [query for query, _ in sample.get("history") or []] + [sample.get("prompt") or ""]
+
+    def _marker_counts(self, sample: dict) -> Counter:
+        if self._marker_pattern is None:
+            return Counter()
+        return Counter(self._markers[m] for text in self._texts(sample) for m in self._marker_pattern.findall(text))
+
+    def _prompt_ids(self, sample: dict, sample_id: str) -> tuple[list[int], list[int]]:
+        """The prompt's ids with one ``MEDIA_SLOT`` per marker, and each marker's modality index."""
+        counts = self._marker_counts(sample)
+        for modality in self.modalities:
+            given = len(media_list(sample.get(modality)))
+            if counts[modality] != given:
+                raise ValueError(f"sample {sample_id!r}: its prompt holds {counts[modality]} {marker(modality)} "
+                                 f"markers but the sample has {given} {modality} input(s)")
+        text = self.layout.format_prompt(sample.get("prompt") or "", sample.get("history"))
+        pieces = self._marker_pattern.split(text) if self._marker_pattern else [text]
+        ids: list[int] = []
+        kinds: list[int] = []
+        for piece in pieces:
+            if piece in self._markers:
+                ids.append(MEDIA_SLOT)
+                kinds.append(self.modalities.index(self._markers[piece]))
+            elif piece:
+                ids += self.layout.tokenize(piece)
+        return ids, kinds
+
+    def _lay_out(self, batch: Batch, samples: list[dict]) -> None:
+        rows, kinds = [], []
+        for sample, sample_id, answer in zip(samples, batch.ids, batch.answers):
+            if self.with_answers and not isinstance(answer, str):
+                raise ValueError(f"sample {sample_id!r} has no answer to train on")
+            prompt, slot_kinds = self._prompt_ids(sample, sample_id)
+            ids, labels = self.layout.build_sequence(prompt, answer if self.with_answers else None)
+            self._check_known_tokens(labels, answer, sample_id)
+            rows.append((ids, labels))
+            kinds += slot_kinds
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.layout.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in rows])
+        batch.labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab in rows])
+        batch.attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
+        slots = input_ids == MEDIA_SLOT
+        batch.media_slots = torch.full_like(input_ids, NO_MEDIUM)
+        batch.media_slots[slots] = torch.tensor(kinds, dtype=torch.long)
+        input_ids[slots] = pad
+        batch.input_ids = input_ids
+
+    def _check_known_tokens(self, labels: list[int], answer: str | None, sample_id: str) -> None:
+        """An answer the tokenizer cannot spell would train the LLM to write its unknown token."""
+        unknown = self.layout.unk_token_id
+        if unknown is None or unknown not in labels:
+            return
+        pieces = []
+        for word in dict.fromkeys(answer.split()):
+            if unknown in self.layout.tokenize(word):
+                # The characters when only some are unknown (a Chinese sentence is one "word"), else the word.
+                chars = [ch for ch in dict.fromkeys(word) if unknown in self.layout.tokenize(ch)]
+                pieces += chars if 0 < len(chars) < len(word) else [word]
+        raise ValueError(f"sample {sample_id!r}: the LLM's tokenizer has no token for {pieces} in {answer!r}")

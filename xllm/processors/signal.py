@@ -1,0 +1,34 @@
+"""Numeric series (device status, sensor logs): [steps][channels] values -> a normalised [channels, steps] tensor.
+
+Channels first, so series of different lengths batch by padding along time (``collate_media``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xllm.processors.registry import register_processor
+
+
+@register_processor("signal")
+class SignalProcessor:
+    @dataclass
+    class Config:
+        mean: list[float] | None = None  # per channel; None: no centring
+        std: list[float] | None = None  # per channel; None: no scaling
+
+    def __init__(self, mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        if mean is not None and std is not None and len(mean) != len(std):
+            raise ValueError(f"signal mean and std need one value per channel each, got {len(mean)} and {len(std)}")
+        self.mean = None if mean is None else torch.tensor(list(mean), dtype=torch.float32)[:, None]
+        self.std = None if std is None else torch.tensor(list(std), dtype=torch.float32)[:, None]
+
+    def __call__(self, series) -> torch.Tensor:
+        values = torch.as_tensor(series, dtype=torch.float32).T  # [channels, steps]
+        if self.mean is not None:
+            values = values - self.mean
+        if self.std is not None:
+            values = values / self.std
+        return values
