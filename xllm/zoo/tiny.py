@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,12 +25,11 @@ from xllm.world.render import RENDER_VERSION, render
 from xllm.world.scenes import COLOURS, KINDS, POSITIONS, SIZES, sample_scene
 from xllm.models.llm.base import IGNORE_INDEX
 from xllm.processors.image import ImageProcessor
-from xllm.runners.runner import lr_factor
 from xllm.zoo.corpus import world_documents
+from xllm.zoo.loop import Schedule, StepLoss, train
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
 from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
 from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm, left_padded
-from xllm.zoo.update import clipped_update
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +147,17 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(f"llm/{recipe.seed}")
-    model.train()
-    start = time.time()
-    for step in range(recipe.steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         batch = left_padded([chat_row(tokenizer, world_documents(rng)) for _ in range(recipe.batch_size)],
                             tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        clipped_update(loss, optimizer, model.parameters(),
-                       recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0))
-        if step % 100 == 0 or step == recipe.steps - 1:
-            log.info("tiny LLM step %d/%d loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(), time.time() - start)
+        return model(**batch).loss
+
+    model.train()
+    train("tiny LLM", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(folder)
@@ -214,19 +211,18 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
     params = list(model.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05)
     rng = random.Random(f"encoder/{recipe.seed}")
-    model.train()
-    start = time.time()
-    for step in range(recipe.steps):
+
+    def step_loss(step: int) -> StepLoss:
         scenes = [sample_scene(rng) for _ in range(recipe.batch_size)]
         pixels = torch.stack([processor(render(s, recipe.image_size, rng)) for s in scenes])
         labels = torch.stack([grid_labels(s) for s in scenes])
         logits = probe(model(pixel_values=pixels).last_hidden_state)
         loss = sum(F.cross_entropy(l.flatten(0, 1), labels[..., i].flatten()) for i, l in enumerate(logits))
-        clipped_update(loss, optimizer, params, recipe.lr * lr_factor(step, recipe.steps, WARMUP_STEPS, "cosine", 0.0))
-        if step % 100 == 0 or step == recipe.steps - 1:
-            accuracy = (logits[1].argmax(-1) == labels[..., 1]).float().mean().item()
-            log.info("tiny image encoder step %d/%d loss %.3f cell-kind acc %.3f (%.0fs)",
-                     step + 1, recipe.steps, loss.item(), accuracy, time.time() - start)
+        accuracy = (logits[1].argmax(-1) == labels[..., 1]).float().mean().item()
+        return loss, {"cell-kind acc": accuracy}
+
+    model.train()
+    train("tiny image encoder", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
     folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(folder)
