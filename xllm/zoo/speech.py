@@ -94,9 +94,6 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
                                                                                                   alphabet))
     folder.mkdir(parents=True, exist_ok=True)
     encoder.encoder.save_pretrained(folder)
-    from xllm.zoo.tiny import _mark_built  # here, not at the top: tiny imports this module for its table
-
-    _mark_built(folder, recipe)
 
 
 @torch.no_grad()

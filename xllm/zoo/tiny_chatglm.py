@@ -204,9 +204,6 @@ def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 
 def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecipe()) -> None:
-    # tiny.py lists this builder in its COMPONENTS, so importing its marker at module level would be circular.
-    from xllm.zoo.tiny import _mark_built
-
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(recipe, folder)
     model = ChatGLMForConditionalGeneration.from_config(model_config(recipe, tokenizer), device="cpu")
@@ -229,4 +226,3 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
           Schedule(recipe.lr, recipe.warmup_steps, warmup_from_zero=True), step_loss)
     model.eval()
     model.save_pretrained(folder)
-    _mark_built(folder, recipe)
