@@ -36,7 +36,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def micro_zoo(tmp_path_factory) -> dict[str, Path]:
     """Folders of a micro LLM and a micro image encoder, built by the zoo's own builders."""
-    from xllm.zoo.tiny import TinyEncoderRecipe, TinyLLMRecipe, build_image_encoder, build_llm
+    from xllm.zoo.image_encoder import TinyEncoderRecipe, build_image_encoder
+    from xllm.zoo.tiny_llm import TinyLLMRecipe, build_llm
 
     root = tmp_path_factory.mktemp("zoo")
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import get_cosine_schedule_with_warmup
 
 from xllm.config import load_config
 from xllm.datasets.build import build_split
@@ -82,6 +83,18 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lr_factor(5, 10, 0, "constant", 0.0) == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_factor(5, 10, 0, "cosin", 0.0)
+
+
+def test_warmup_from_zero_is_transformers_cosine_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=4, num_training_steps=20)
+    theirs = []
+    for _ in range(20):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [lr_factor(s, 20, 4, "cosine", 0.0, warmup_from_zero=True) for s in range(20)] == theirs
+    assert theirs[0] == 0.0 and lr_factor(0, 20, 4, "cosine", 0.0) == 0.25
 
 
 def test_weight_decay_spares_biases_and_norms(tmp_path, micro_model_cfg, micro_world):

@@ -10,7 +10,7 @@ from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.hf_causal import HFCausalLM
 from xllm.processors.collator import marker, media_span
 from xllm.zoo.corpus import SPAN_QUESTIONS, copy_drill, world_documents
-from xllm.zoo.tiny import MEDIA_SPAN, chat_row, render_chat
+from xllm.zoo.tiny_llm import MEDIA_SPAN, chat_row, render_chat
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """The factor on the peak learning rate at optimizer step ``step`` (from 0) of ``total``."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float,
+              warmup_from_zero: bool = False) -> float:
+    """The peak rate's share at optimizer step ``step`` (from 0) of ``total``: a linear warm-up over ``warmup``
+    steps, then ``schedule`` down to ``min_ratio``.
+
+    The warm-up's first step runs at 1/warmup; ``warmup_from_zero`` starts it at 0 instead, step/warmup, as
+    transformers' ``get_cosine_schedule_with_warmup`` does (the tiny ChatGLM was built with that schedule).
+    """
     if step < warmup:
-        return (step + 1) / warmup
+        return (step if warmup_from_zero else step + 1) / warmup
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -1,4 +1,4 @@
-"""``python -m xllm.zoo build tiny [--force]``: pre-train the tiny tier's frozen LLM and image encoder."""
+"""``python -m xllm.zoo build tiny [--force]``: pre-train the tiny tier's frozen models."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_fo
 from xllm.eval.asr_metrics import cer
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, tiny_whisper_config
 from xllm.processors.audio import AudioProcessor, collate_audio
-from xllm.runners.runner import lr_factor
-from xllm.zoo.update import clipped_update
+from xllm.zoo.loop import Schedule, train
 
 log = logging.getLogger(__name__)
 FRAMES_PER_SECOND = 50  # encoder outputs: 100 log-mel frames per second, halved by the second convolution
@@ -78,28 +76,24 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     rng = random.Random(f"speech_encoder/{recipe.seed}")
-    encoder.train()
-    start = time.time()
-    for step in range(recipe.steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         batch = rng.sample(range(len(features)), recipe.batch_size)
         padded, lengths, _ = collate_audio([features[i].float() for i in batch])
         targets = [torch.tensor([index[ch] for ch in texts[i]]) for i in batch]
         hidden, mask = encoder(padded, lengths)
         log_probs = head(hidden).log_softmax(-1)
-        loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
+        return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), zero_infinity=True)
-        clipped_update(loss, optimizer, params, recipe.lr * lr_factor(step, recipe.steps, recipe.warmup, "cosine", 0.0))
-        if step % 20 == 0 or step == recipe.steps - 1:
-            log.info("tiny speech encoder step %d/%d CTC loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(),
-                     time.time() - start)
+
+    encoder.train()
+    train("tiny speech encoder (CTC)", params, optimizer, recipe.steps, Schedule(recipe.lr, recipe.warmup), step_loss,
+          log_every=20)
     encoder.eval()
     log.info("tiny speech encoder: greedy CTC CER on the validation scenes %.3f", _validation_cer(encoder, head, recipe,
                                                                                                   alphabet))
     folder.mkdir(parents=True, exist_ok=True)
     encoder.encoder.save_pretrained(folder)
-    from xllm.zoo.tiny import _mark_built  # here, not at the top: tiny imports this module for its table
-
-    _mark_built(folder, recipe)
 
 
 @torch.no_grad()

@@ -43,8 +43,5 @@ def train_text_tokenizer(recipe: TinyTextTokenizerRecipe) -> PreTrainedTokenizer
 
 
 def build_text_tokenizer(folder: Path, recipe: TinyTextTokenizerRecipe = TinyTextTokenizerRecipe()) -> None:
-    from xllm.zoo.tiny import _mark_built  # imported here: tiny.py lists this builder in its COMPONENTS
-
     folder.mkdir(parents=True, exist_ok=True)
     train_text_tokenizer(recipe).save_pretrained(folder)
-    _mark_built(folder, recipe)

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 from xllm.world.scenes import ATTRIBUTES, COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, sample_scene
 from xllm.world.scenes import caption as scene_caption
@@ -36,9 +33,7 @@ from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMToke
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import MAX_BLANK_LENGTH
 from xllm.processors.collator import marker, media_span
-from xllm.zoo.update import clipped_update
-
-log = logging.getLogger(__name__)
+from xllm.zoo.loop import Schedule, train
 
 TOKENIZER_FILE = "ice_text.model"
 # ChatGLM-6B's own special pieces: control pieces vanish when decoded, user-defined ones are matched whole.
@@ -209,31 +204,25 @@ def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 
 def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecipe()) -> None:
-    # tiny.py lists this builder in its COMPONENTS, so importing its marker at module level would be circular.
-    from xllm.zoo.tiny import _mark_built
-
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(recipe, folder)
     model = ChatGLMForConditionalGeneration.from_config(model_config(recipe, tokenizer), device="cpu")
     initialise(model, recipe.init_std)
     backend = ChatGLMBackend(model, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(f"chatglm-llm/{recipe.seed}")
-    model.train()
-    start = time.time()
-    for step in range(recipe.steps):
-        docs = [world_document(rng, recipe, recipe.english_share)
-                for _ in range(recipe.batch_size)]
+
+    def step_loss(step: int) -> torch.Tensor:
+        docs = [world_document(rng, recipe, recipe.english_share) for _ in range(recipe.batch_size)]
         rows = [document_row(backend, doc) for doc in docs]
         batch = left_padded(rows, tokenizer.pad_token_id)
-        loss = backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
+        return backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
                        batch["labels"]).loss
-        clipped_update(loss, optimizer, model.parameters())
-        schedule.step()
-        if step % 100 == 0 or step == recipe.steps - 1:
-            log.info("tiny ChatGLM step %d/%d loss %.3f (%.0fs)", step + 1, recipe.steps, loss.item(),
-                     time.time() - start)
+
+    model.train()
+    # The first warm-up step at rate 0: the schedule every tiny ChatGLM build so far was made with.
+    train("tiny ChatGLM", params, optimizer, recipe.steps,
+          Schedule(recipe.lr, recipe.warmup_steps, warmup_from_zero=True), step_loss)
     model.eval()
     model.save_pretrained(folder)
-    _mark_built(folder, recipe)

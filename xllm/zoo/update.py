@@ -8,12 +8,10 @@ import torch
 
 
 def clipped_update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter],
-                   lr: float | None = None) -> None:
-    """Back-propagates ``loss``, clips, steps and clears the gradients; ``lr`` is this step's rate (None keeps the
-    optimizer's, for a builder whose scheduler sets it)."""
-    if lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+                   lr: float) -> None:
+    """Back-propagates ``loss``, clips, steps at rate ``lr`` and clears the gradients."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
