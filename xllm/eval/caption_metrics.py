@@ -4,7 +4,8 @@ BLEU-4 and CIDEr are pycocoevalcap's scorers (``Bleu``, ``Cider``), the referenc
 benchmark. Its PTB tokenizer runs Java, so xllm tokenises the captions itself and gives the scorers each
 caption as its tokens joined by spaces, which is what they split on: lower-cased words for English (what the
 PTB tokenizer also makes of the world's captions) and characters for Chinese, which writes no spaces between
-words. Exact match and attribute accuracy belong to the world's caption grammar and are written here.
+words. Exact match (on the same tokens) and attribute accuracy, which parses the world's caption grammar,
+are written here.
 """
 
 from __future__ import annotations
