@@ -1,3 +1,4 @@
+import jiwer
 import pytest
 
 from xllm.eval.asr_metrics import ErrorCounts, cer, edit_distance, normalize_text, wer
@@ -68,3 +69,35 @@ def test_mismatched_lengths():
 def test_empty_reference_corpus():
     assert wer([""], [""])[0] == 0.0
     assert wer([""], ["extra"])[0] == float("inf")
+
+
+def test_counts_equal_jiwer():
+    refs = ["the cat sat on the mat", "hello world", "a state of the art model"]
+    hyps = ["the cat sit on mat", "hello there world", "state of art models"]
+    out = jiwer.process_words(refs, hyps)
+    rate, counts = wer(refs, hyps)
+    assert counts == ErrorCounts(out.substitutions, out.deletions, out.insertions, 6 + 2 + 6)
+    assert rate == pytest.approx(jiwer.wer(refs, hyps))
+    # Without spaces, jiwer's own CER counts the same characters as xllm's.
+    refs, hyps = ["我爱北京天安门", "今天天气很好"], ["我爱北京天门", "今天天汽很好吗"]
+    assert cer(refs, hyps)[0] == pytest.approx(jiwer.cer(refs, hyps))
+
+
+def test_english_cer_does_not_count_spaces():
+    # One substitution (c -> b) over the 6 characters of "the cat"; jiwer's CER would count the space (1 / 7).
+    rate, counts = cer(["the cat"], ["the bat"])
+    assert counts == ErrorCounts(1, 0, 0, 6)
+    assert rate == pytest.approx(1 / 6)
+
+
+def test_equal_cost_alignments_keep_the_total():
+    # "a b" -> "b a" costs 2 either way: two substitutions, or a deletion and an insertion.
+    counts = edit_distance("a b".split(), "b a".split())
+    assert counts.errors == 2 and counts.reference_length == 2
+
+
+def test_empty_reference_among_others():
+    # The empty reference's hypothesis word is an insertion; the other utterance is right: 1 error over 2 words.
+    rate, counts = wer(["", "a b"], ["extra", "a b"])
+    assert counts == ErrorCounts(0, 0, 1, 2)
+    assert rate == pytest.approx(0.5)

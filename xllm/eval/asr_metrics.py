@@ -1,8 +1,12 @@
 """Speech recognition error rates: CER and WER at corpus level, with the usual text normalisation.
 
-The rate is (substitutions + deletions + insertions) / reference length summed over the corpus, not a
-mean of per-utterance rates, so long utterances weigh what they should. Every hypothesis counts: a missing
-(None) or empty hypothesis is all deletions.
+The alignment of a reference with a hypothesis, and its breakdown into substitutions, deletions and
+insertions, is jiwer's (Levenshtein through rapidfuzz). Around it xllm keeps what the figures are defined by:
+the normalisation (``normalize_text``, English and Chinese); CER over characters other than spaces, since
+Chinese transcripts carry stray spaces and jiwer's own CER counts spaces as characters, so each non-space
+character is given to jiwer as a word; and corpus rates, (substitutions + deletions + insertions) / reference
+length summed over the corpus, not a mean of per-utterance rates, so long utterances weigh what they should.
+Every hypothesis counts: a missing (None) or empty hypothesis is all deletions.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
+
+import jiwer
 
 # Joins hyphenated words ("state-of-the-art" -> "state of the art") before punctuation is removed.
 HYPHENS = re.compile(r"[-\u2010-\u2015]")
@@ -67,30 +73,18 @@ def _is_punctuation(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "PS"
 
 
-def edit_distance(ref: Sequence, hyp: Sequence) -> ErrorCounts:
-    """Levenshtein alignment of two token sequences with the breakdown into S, D, I.
+def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> ErrorCounts:
+    """jiwer's alignment of two token sequences (tokens without whitespace), as counts.
 
-    A hand-written dynamic programme: it is a few lines, exact, and saves a dependency. Among alignments of
-    minimal total cost it prefers substitutions, then deletions, then insertions (the usual sclite tie-break).
+    Among alignments of minimal total cost jiwer picks one (for "a b" -> "b a": a deletion and an insertion,
+    not two substitutions); the total is the edit distance whichever it picks.
     """
-    rows, cols = len(ref) + 1, len(hyp) + 1
-    # cost[i][j] = (total, substitutions, deletions, insertions) aligning ref[:i] with hyp[:j].
-    previous = [(j, 0, 0, j) for j in range(cols)]
-    for i in range(1, rows):
-        current = [(i, 0, i, 0)]
-        for j in range(1, cols):
-            diagonal = previous[j - 1]
-            if ref[i - 1] == hyp[j - 1]:
-                match = diagonal
-            else:
-                match = (diagonal[0] + 1, diagonal[1] + 1, diagonal[2], diagonal[3])
-            up, left = previous[j], current[j - 1]
-            deletion = (up[0] + 1, up[1], up[2] + 1, up[3])
-            insertion = (left[0] + 1, left[1], left[2], left[3] + 1)
-            current.append(min(match, deletion, insertion, key=lambda c: c[0]))
-        previous = current
-    _, substitutions, deletions, insertions = previous[-1]
-    return ErrorCounts(substitutions, deletions, insertions, len(ref))
+    if not ref:
+        # jiwer before 4.0 refuses an empty reference; against one, every hypothesis token is an insertion.
+        return ErrorCounts(insertions=len(hyp))
+    # jiwer splits sentences on spaces, so tokens joined by single spaces reach it unchanged.
+    out = jiwer.process_words(" ".join(ref), " ".join(hyp))
+    return ErrorCounts(out.substitutions, out.deletions, out.insertions, len(ref))
 
 
 def _corpus_counts(refs: Sequence[str], hyps: Sequence[str | None], split) -> ErrorCounts:
@@ -109,7 +103,8 @@ def wer(refs: Sequence[str], hyps: Sequence[str | None]) -> tuple[float, ErrorCo
 
 
 def cer(refs: Sequence[str], hyps: Sequence[str | None]) -> tuple[float, ErrorCounts]:
-    """Character error rate, and its counts; spaces are not characters (Chinese transcripts often have some)."""
+    """Character error rate, and its counts; spaces are not characters, in English as in Chinese (whose
+    transcripts often have stray ones)."""
     counts = _corpus_counts(refs, hyps, lambda text: [ch for ch in text if not ch.isspace()])
     return counts.rate, counts
 

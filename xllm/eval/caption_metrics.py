@@ -1,49 +1,59 @@
-"""Caption metrics: corpus BLEU-4, exact match, and per-attribute accuracy on the synthetic world.
+"""Caption metrics: corpus BLEU-4 and CIDEr, exact match, and per-attribute accuracy on the synthetic world.
 
-BLEU is written here rather than taken from pycocoevalcap, which needs Java for its tokenizer; the formula is
-Papineni et al.'s corpus BLEU (clipped n-gram precisions, geometric mean, brevity penalty), with words as
-tokens for English and characters for Chinese.
+BLEU-4 and CIDEr are pycocoevalcap's scorers (``Bleu``, ``Cider``), the reference code of the COCO caption
+benchmark. Its PTB tokenizer runs Java, so xllm tokenises the captions itself and gives the scorers each
+caption as its tokens joined by spaces, which is what they split on: lower-cased words for English (what the
+PTB tokenizer also makes of the world's captions) and characters for Chinese, which writes no spaces between
+words. Exact match (on the same tokens) and attribute accuracy, which parses the world's caption grammar,
+are written here.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
+
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
 
 from xllm.world.scenes import ATTRIBUTES, parse_caption
 
 
 def tokens(text: str, lang: str) -> list[str]:
+    """The units every caption metric compares: lower-cased words (en) or characters without punctuation (zh)."""
     if lang == "zh":
         return [ch for ch in text if not ch.isspace() and not re.match(r"[^\w]", ch)]
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def bleu(references: list[list[str]], hypotheses: list[str], lang: str = "en", max_n: int = 4) -> float:
-    """Corpus BLEU-``max_n`` in [0, 1]; each hypothesis may have several references."""
+def _scorer_input(references: list[list[str]], hypotheses: list[str | None], lang: str):
+    """pycocoevalcap's ``gts`` and ``res``: {index: [pre-tokenised caption, ...]}; a missing hypothesis is empty."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} reference sets but {len(hypotheses)} hypotheses")
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_length = ref_length = 0
-    for refs, hyp in zip(references, hypotheses):
-        hyp_tokens = tokens(hyp or "", lang)
-        ref_tokens = [tokens(r, lang) for r in refs]
-        hyp_length += len(hyp_tokens)
-        # The reference closest in length sets the brevity penalty (ties: the shorter one).
-        ref_length += min((abs(len(r) - len(hyp_tokens)), len(r)) for r in ref_tokens)[1]
-        for n in range(1, max_n + 1):
-            hyp_ngrams = Counter(tuple(hyp_tokens[i:i + n]) for i in range(len(hyp_tokens) - n + 1))
-            max_ref = Counter()
-            for r in ref_tokens:
-                max_ref |= Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            matches[n - 1] += sum(min(count, max_ref[gram]) for gram, count in hyp_ngrams.items())
-            totals[n - 1] += max(0, len(hyp_tokens) - n + 1)
-    if min(totals) == 0 or min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_n
-    brevity = 1.0 if hyp_length > ref_length else math.exp(1 - ref_length / max(hyp_length, 1))
-    return brevity * math.exp(log_precision)
+    gts = {i: [" ".join(tokens(r, lang)) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(tokens(h or "", lang))] for i, h in enumerate(hypotheses)}
+    return gts, res
+
+
+def bleu(references: list[list[str]], hypotheses: list[str | None], lang: str = "en") -> float:
+    """Corpus BLEU-4 in [0, 1]; each hypothesis may have several references (the closest in length sets the
+    brevity penalty).
+
+    pycocoevalcap adds 1e-15 to every matched n-gram count, so where the corpus matches no 4-gram the score is
+    a tiny positive number rather than 0.
+    """
+    scores, _ = Bleu(4).compute_score(*_scorer_input(references, hypotheses, lang), verbose=0)
+    return scores[3]
+
+
+def cider(references: list[list[str]], hypotheses: list[str | None], lang: str = "en") -> float:
+    """Corpus CIDEr (pycocoevalcap's: 1- to 4-grams, length penalty sigma 6), from 0 (no overlap) up to 10.
+
+    Its n-gram weights (tf-idf) come from the references being scored, so it compares runs on the same
+    references only: an n-gram in every reference weighs nothing, and a corpus of one caption always scores 0.
+    """
+    score, _ = Cider().compute_score(*_scorer_input(references, hypotheses, lang))
+    return float(score)
 
 
 def exact_match(references: list[str], hypotheses: list[str], lang: str = "en") -> float:
@@ -72,8 +82,9 @@ def attribute_accuracy(references: list[str], hypotheses: list[str], lang: str =
 
 def caption_report(references: list[str], hypotheses: list[str], lang: str = "en") -> dict[str, float]:
     """Every caption metric that applies: attribute accuracies only when the references follow the world grammar."""
+    reference_sets = [[r] for r in references]
     report = {"samples": len(references), "exact_match": exact_match(references, hypotheses, lang),
-              "bleu4": bleu([[r] for r in references], hypotheses, lang)}
+              "bleu4": bleu(reference_sets, hypotheses, lang), "cider": cider(reference_sets, hypotheses, lang)}
     report.update({f"accuracy_{k}": v for k, v in attribute_accuracy(references, hypotheses, lang).items()})
     return report
 
