@@ -12,6 +12,8 @@ MICRO_LLM = dict(steps=2, tokenizer_documents=2000, hidden_size=32, num_layers=2
                  intermediate_size=64, batch_size=4)
 MICRO_ENCODER = dict(steps=1, image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                      intermediate_size=64, batch_size=4)
+MICRO_CHATGLM = dict(steps=2, batch_size=4, hidden_size=32, num_layers=2, num_heads=2, inner_hidden_size=64,
+                     tokenizer_documents=2000)
 MICRO_QFORMER = dict(num_query_tokens=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, cross_attention_frequency=1, dropout=0.0)
 
@@ -44,6 +46,26 @@ def micro_zoo(tmp_path_factory) -> dict[str, Path]:
     build_llm(root / "llm", TinyLLMRecipe(**MICRO_LLM))
     build_image_encoder(root / "image_encoder", TinyEncoderRecipe(**MICRO_ENCODER))
     return {"llm": root / "llm", "image_encoder": root / "image_encoder"}
+
+
+@pytest.fixture(scope="session")
+def micro_chatglm(tmp_path_factory) -> Path:
+    """A micro ChatGLM checkpoint folder in the original layout, built by the zoo's own builder."""
+    from xllm.zoo.tiny_chatglm import TinyChatGLMRecipe, build_chatglm_llm
+
+    folder = tmp_path_factory.mktemp("zoo") / "chatglm_llm"
+    build_chatglm_llm(folder, TinyChatGLMRecipe(**MICRO_CHATGLM))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def micro_text_tokenizer(tmp_path_factory) -> Path:
+    """A word-level tokenizer folder for the Q-Former's text branch, built by the zoo's own builder."""
+    from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
+
+    folder = tmp_path_factory.mktemp("text_tokenizer")
+    build_text_tokenizer(folder, TinyTextTokenizerRecipe(documents=300))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -22,18 +22,14 @@ from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer
 from xllm.runners.runner import Runner
 from xllm.tasks.base import LLMTask
-from xllm.zoo.tiny_chatglm import CONTROL_PIECES, LOOKS, TOKENIZER_FILE, TinyChatGLMRecipe, alike, build_chatglm_llm
+from xllm.zoo.tiny_chatglm import CONTROL_PIECES, LOOKS, TOKENIZER_FILE, alike
 
 SPAN = "<Image><ImageHere></Image>"
-MICRO_CHATGLM = dict(steps=2, batch_size=4, hidden_size=32, num_layers=2, num_heads=2, inner_hidden_size=64,
-                     tokenizer_documents=2000)
 
 
 @pytest.fixture(scope="module")
-def chatglm_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("zoo") / "chatglm_llm"
-    build_chatglm_llm(folder, TinyChatGLMRecipe(**MICRO_CHATGLM))
-    return folder
+def chatglm_folder(micro_chatglm):
+    return micro_chatglm
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,11 @@
 """Every YAML file under configs/ loads and validates: run configs through ``load_config``, model defaults through
 ``resolve_model``. Nothing is built, so the paper's configs are checked without their weights."""
 
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -62,3 +67,25 @@ def test_a_typo_names_its_file_and_key(tmp_path: Path) -> None:
                    "      interface:\n        embed_dimm: 64\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.*model.modalities.image.interface.embed_dimm.*embed_dim"):
         load_config(bad)
+
+
+def test_an_installed_package_finds_its_configs(tmp_path: Path) -> None:
+    """A non-editable install (a wheel) carries every config, and a run config loads by its packaged name."""
+    repo, source = Path(__file__).resolve().parents[1], tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "requirements.txt", "README.md"):
+        shutil.copy(repo / name, source / name)
+    shutil.copytree(repo / "xllm", source / "xllm", ignore=shutil.ignore_patterns("__pycache__"))
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheel_dir)], check=True, capture_output=True)
+    wheel = next(wheel_dir.glob("xllm-*.whl"))
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".yaml")}
+    assert shipped == {f"xllm/configs/{p.relative_to(CONFIGS)}" for p in CONFIGS.rglob("*.yaml")}
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    script = ("import xllm; from xllm.config import load_config; cfg = load_config('tiny/stage2_image.yaml'); "
+              "print(xllm.__file__, cfg.model.llm.path)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(target / "xllm" / "__init__.py"), "zoo:tiny/llm"]

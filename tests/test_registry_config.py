@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,40 @@ def test_shipped_run_configs_validate():
     for name in ("stage2_image.yaml", "eval_image_caption.yaml", "tiny/stage2_image.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.datasets.world_caption.builder == "coco_caption"
+
+
+def test_a_typo_in_an_option_is_an_error_like_the_same_typo_in_the_file(tmp_path):
+    path = write(tmp_path, "run:\n  max_steps: 2\n")
+    with pytest.raises(ConfigError, match="unknown top-level key 'runs' in --options runs.max_steps=3; did you mean 'run'"):
+        load_config(path, ["runs.max_steps=3"])
+    (tmp_path / "typo").mkdir()
+    with pytest.raises(ConfigError, match="unknown top-level key 'runs' in .*run.yaml; did you mean 'run'"):
+        load_config(write(tmp_path / "typo", "runs:\n  max_steps: 3\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'run.max_step'; did you mean 'max_steps'"):
+        load_config(path, ["run.max_step=3"])
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("run.lr_schedule", "cosin", "'cosine', 'linear', 'constant'"),
+    ("run.amp", "bf32", "None, 'bf16', 'fp16'"),
+    ("run.distributed", "zero3", "'ddp', 'fsdp'"),
+    ("model.llm.overflow", "cut", "'refuse', 'truncate'"),
+    ("model.llm.dtype", "float64", "'float32', 'bfloat16', 'float16'"),
+])
+def test_enumerated_values_are_checked_when_the_config_loads(tmp_path, key, value, choices):
+    path = write(tmp_path, "run:\n  max_steps: 2\n")
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}' must be one of {re.escape(choices)}, "
+                                          f"got '{value}'"):
+        load_config(path, [f"{key}={value}"])
+
+
+def test_names_are_checked_when_the_config_loads(tmp_path):
+    path = write(tmp_path, "run:\n  task: image_txt\n")
+    with pytest.raises(ConfigError, match="'run.task': unknown task 'image_txt'; known: cif_asr, llm, qformer_pretrain"):
+        load_config(path)
+    path = write(tmp_path, "datasets:\n  d:\n    builder: coco_caption\n    metric: captions\n")
+    with pytest.raises(ConfigError, match="'datasets.d.metric': unknown metric 'captions'.*did you mean 'caption'"):
+        load_config(path)
+    path = write(tmp_path, "model:\n  llm:\n    backend: hf_casual\n")
+    with pytest.raises(ConfigError, match="'model.llm.backend': unknown llm backend 'hf_casual'.*'hf_causal'"):
+        load_config(path)

@@ -20,7 +20,6 @@ from xllm.datasets.loader import evaluation_loader
 from xllm.models.trainable import apply_trainable
 from xllm.processors.collator import CaptionTokens
 from xllm.tasks.retrieval import QFormerPretrainTask
-from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
 
 CAPTIONS = ["a small red circle at the top.", "a large blue star on the left.",
             "a small green cross in the center and a large red square at the bottom.", "a large cyan diamond."]
@@ -30,10 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("text_tokenizer")
-    build_text_tokenizer(folder, TinyTextTokenizerRecipe(documents=300))
-    return folder
+def tokenizer_folder(micro_text_tokenizer) -> Path:
+    return micro_text_tokenizer
 
 
 @pytest.fixture(scope="module")
