@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from xllm.models.llm.chatglm import (
     ChatGLMCheckpointError,
@@ -20,6 +21,7 @@ from xllm.models.llm.chatglm import (
     invalid_score_processor,
     parameter_report,
     rotary_frequencies,
+    sampling_warpers,
 )
 
 ATOL = 1e-3
@@ -216,6 +218,20 @@ def test_top_k_and_top_p_filter_before_sampling():
     assert set(choose_tokens(logits, (), True, 1.0, 0, 0.8, generator).tolist()) == {0}
     assert set(choose_tokens(logits, (), True, 1.0, 0, 0.9, generator).tolist()) == {0, 1}
     assert set(choose_tokens(logits, (), True, 5.0, 3, 1.0, generator).tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.95, 50, 0.7), (3.0, 20, 0.5), (0.5, 0, 0.9),
+                                                        (1.0, 7, 1.0)])
+def test_sampling_draws_from_transformers_warpers(temperature, top_k, top_p):
+    """The distribution sampled from is the one transformers' warpers give, chained as its generate chains them
+    (temperature -> top-k -> top-p: with temperature 3 and top-p 0.5, top-p first would keep other tokens)."""
+    logits = torch.randn(500, 64, generator=torch.Generator().manual_seed(1)) * 3
+    chain = [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None, TopPLogitsWarper(top_p)]
+    warped = LogitsProcessorList([warper for warper in chain if warper is not None])(None, logits)
+    assert torch.equal(sampling_warpers(temperature, top_k, top_p)(None, logits).softmax(-1), warped.softmax(-1))
+    drawn = choose_tokens(logits, (), True, temperature, top_k, top_p, torch.Generator().manual_seed(2))
+    expected = torch.multinomial(warped.softmax(-1), 1, generator=torch.Generator().manual_seed(2)).squeeze(-1)
+    assert torch.equal(drawn, expected)
 
 
 def test_invalid_score_processor():

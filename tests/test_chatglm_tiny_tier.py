@@ -103,6 +103,14 @@ def test_special_ids_agree_between_tokenizer_and_config(chatglm_folder):
     assert tokenizer.decode(tokenizer.tokenize(text)) == "问:你好\n答:  好"
 
 
+def test_special_pieces_in_text_are_found_by_name(chatglm_folder):
+    tokenizer = ChatGLMTokenizer.from_pretrained(chatglm_folder)
+    assert tokenizer.bos_token_id != 130004  # the tiny vocabulary holds <sop> at another id
+    assert tokenizer.tokenize("你好 <sop> 好") == (tokenizer.tokenize("你好") + [tokenizer.bos_token_id]
+                                                + tokenizer.tokenize("好"))
+    assert tokenizer.tokenize("[MASK]<eop>") == [tokenizer.mask_token_id, tokenizer.eos_token_id]
+
+
 def test_checkpoint_folder_is_the_original_layout(chatglm_folder):
     assert (chatglm_folder / TOKENIZER_FILE).is_file() and (chatglm_folder / "tokenizer_config.json").is_file()
     state = load_file(chatglm_folder / "model.safetensors")

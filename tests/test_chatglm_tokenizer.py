@@ -1,5 +1,9 @@
 """ChatGLM-6B tokenizer on the real ice_text.model: the spec's documented ids, whitespace handling, special
-tokens, round trips and the padded prefix-LM layout."""
+tokens, round trips, the padded prefix-LM layout, and the original tokenizer's ids on texts holding special pieces
+(``data/chatglm_tokenizer_cases.json``, produced by running the original; its header says how)."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +12,16 @@ from safetensors.torch import load_file
 from xllm.models.llm.chatglm import ChatGLMTokenizer, prefix_lm_layout
 
 GMASK, SOP, EOP, PAD, TAB, BLANK_2 = 130001, 130004, 130005, 3, 130008, 130009
+MASK, UNK = 130000, 0
+ORIGINAL_CASES = json.loads((Path(__file__).parent / "data" / "chatglm_tokenizer_cases.json").read_text("utf-8"))
 
 
 @pytest.fixture(scope="module")
 def tokenizer(shared_dir):
-    return ChatGLMTokenizer.from_pretrained(shared_dir / "assets" / "chatglm6b")
+    model_file = shared_dir / "assets" / "chatglm6b" / "ice_text.model"
+    if not model_file.is_file():
+        pytest.skip(f"{model_file} is absent: ChatGLM-6B's tokenizer model is not on this machine")
+    return ChatGLMTokenizer.from_pretrained(model_file.parent)
 
 
 def blank(k: int) -> int:
@@ -84,6 +93,32 @@ def test_special_tokens_single_and_pair(tokenizer):
     assert tokenizer.encode("问题") == a + [GMASK, SOP]
     assert tokenizer.encode("问题", "回答") == a + [GMASK, SOP] + b + [EOP]
     assert tokenizer.encode("问题", add_special_tokens=False) == a
+
+
+def test_special_pieces_in_text(tokenizer):
+    """The original's special tokens become their ids, and the whitespace next to them goes; other control
+    pieces, such as [gMASK], are ordinary text there."""
+    assert tokenizer.tokenize("a  <sop>\n b") == [104, SOP, 463]
+    assert tokenizer.tokenize("<sop><eop>[MASK]<pad><unk>") == [SOP, EOP, MASK, PAD, UNK]
+    assert tokenizer.encode("<sop>") == [SOP, GMASK, SOP]
+    assert tokenizer.tokenize("[gMASK]") == tokenizer.sp.encode("[gMASK]") == [53, 199, 15475, 42]
+    assert SOP not in tokenizer.tokenize("<SOP> <so p>")
+
+
+@pytest.mark.parametrize("text", ["", " hello ", "x = 1;    y = 2", "def f(x):\n\treturn x", "你好，世界！🙂",
+                                  "[gMASK] </s> <ENC>"])
+def test_text_without_special_pieces_is_one_sentencepiece_call(tokenizer, text):
+    assert tokenizer.tokenize(text) == tokenizer.sp.encode(tokenizer.preprocess(text))
+
+
+@pytest.mark.parametrize("case", ORIGINAL_CASES["cases"],
+                         ids=[f"{i}-{case['text'][:20]!r}" for i, case in enumerate(ORIGINAL_CASES["cases"])])
+def test_matches_the_original_tokenizer(tokenizer, case):
+    text = case["text"]
+    assert tokenizer.tokenize(text) == case["ids"]
+    assert tokenizer.encode(text, add_special_tokens=False) == case["ids"]
+    assert tokenizer.encode(text) == case["ids_with_special_tokens"]
+    assert tokenizer.decode(case["ids_with_special_tokens"]) == case["decoded"]
 
 
 def test_decode_drops_pads_and_control_tokens(tokenizer):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, build_prompt, clean_response, prefix_lm_layout
 
@@ -48,6 +49,7 @@ __all__ = [
     "parameter_report",
     "prefix_lm_layout",
     "rotary_frequencies",
+    "sampling_warpers",
 ]
 
 log = logging.getLogger(__name__)
@@ -643,25 +645,29 @@ def invalid_score_processor(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' temperature, top-k and top-p warpers, each only when it changes something and in the order
+    its ``generate`` applies them (4.27, which the original chat ran on, has the same order)."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
 def choose_tokens(logits: torch.Tensor, processors: Sequence[LogitsProcessor], do_sample: bool,
                   temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids [batch]: processors, then (when sampling) temperature -> top-k -> top-p, as transformers
-    4.27 orders its warpers."""
+    """Next ids [batch]: processors, then the argmax, or (when sampling) a draw after ``sampling_warpers``."""
     scores = logits.float()
     for processor in processors:
         scores = processor(scores)
     if not do_sample:
         return scores.argmax(dim=-1)
-    scores = scores / temperature
-    if top_k > 0:
-        kth_best = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth_best, -math.inf)
-    if top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # the best token always stays
-        drop = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
-        scores = scores.masked_fill(drop, -math.inf)
+    # These warpers read only the scores, never the ids generated so far.
+    scores = sampling_warpers(temperature, top_k, top_p)(None, scores)
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 

@@ -4,6 +4,10 @@ The SentencePiece model cannot see newlines, tabs or runs of spaces (its normali
 text is rewritten first: "\\n" -> ``<n>``, "\\t" -> ``<|tab|>``, a run of k spaces (2 <= k <= 80) ->
 ``<|blank_k|>``. Decoding undoes that. The normaliser is NFKC, so full-width punctuation comes back as ASCII.
 
+SentencePiece never matches control pieces in its input, so the original tokenizer splits the text at its
+registered special tokens first (``SPECIAL_PIECES_IN_TEXT``); this one does the same, so "<sop>" in a text
+becomes the id of <sop> while "[gMASK]" stays ordinary text, as there.
+
 A GLM sequence is ``context [gMASK] <sop> continuation``: the context (up to ``<sop>``) attends
 bidirectionally, ``<sop>`` and what follows attend causally, and positions are two-dimensional (position id,
 block position id). ``prefix_lm_layout`` builds that mask and those positions for left-padded batches; the
@@ -24,6 +28,12 @@ _BLANK_RUN = re.compile(" {2,}")
 _BLANK_TOKEN = re.compile(r"<\|blank_(\d+)\|>")
 _CJK = "[\u4e00-\u9fff]"
 _FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+# The special tokens of the original's tokenizer_config (bos, eos, unk, pad, mask): transformers (4.27, the
+# version it runs on) splits the text at these, and only these, before SentencePiece and strips the whitespace
+# on both sides of each. The ids are looked up by name: other vocabularies hold the same pieces at other ids.
+SPECIAL_PIECES_IN_TEXT = ("<sop>", "<eop>", "<unk>", "<pad>", "[MASK]")
+# A capturing group makes re.split alternate text, special piece, text, ...
+_SPECIAL_PIECE = re.compile("(" + "|".join(map(re.escape, SPECIAL_PIECES_IN_TEXT)) + ")")
 
 
 def _blank_token(length: int) -> str:
@@ -121,6 +131,7 @@ class ChatGLMTokenizer:
         self.gmask_token_id = self._piece_id("[gMASK]")
         self.bos_token_id = self._piece_id("<sop>")
         self.eos_token_id = self._piece_id("<eop>")
+        self.special_piece_ids = {piece: self._piece_id(piece) for piece in SPECIAL_PIECES_IN_TEXT}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "ChatGLMTokenizer":
@@ -152,8 +163,22 @@ class ChatGLMTokenizer:
         return _BLANK_RUN.sub(_encode_blank_run, text)
 
     def tokenize(self, text: str) -> list[int]:
-        """Ids of ``text`` with no special tokens."""
-        return self.sp.encode(self.preprocess(text))
+        """Ids of ``text`` with no special tokens added; the ``SPECIAL_PIECES_IN_TEXT`` in it become their ids."""
+        parts = _SPECIAL_PIECE.split(text)
+        ids = []
+        for index, part in enumerate(parts):
+            if index % 2:
+                ids.append(self.special_piece_ids[part])
+                continue
+            # Whitespace next to a special piece goes (str.strip, newlines and tabs included), as in the original.
+            if index > 0:
+                part = part.lstrip()
+            if index < len(parts) - 1:
+                part = part.rstrip()
+            if part:
+                # Each piece of text is encoded on its own, so each gets SentencePiece's dummy prefix.
+                ids += self.sp.encode(self.preprocess(part))
+        return ids
 
     def build_inputs_with_special_tokens(self, ids: list[int], pair_ids: list[int] | None = None) -> list[int]:
         """``ids [gMASK] <sop>``, or ``ids [gMASK] <sop> pair_ids <eop>`` for a pair."""
