@@ -132,5 +132,5 @@ def test_notebook_api_loads_trained_weights(micro_model_cfg, tmp_path):
     reloaded = load_model("xllm", "tiny", checkpoint=tmp_path / "w.safetensors", **overrides)
     assert torch.equal(reloaded.adapters["image"].weight, trained["adapters.image.weight"])
     save_file({"adapters.image.wieght": trained["adapters.image.weight"]}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="unexpected keys \\['adapters.image.wieght'\\]"):
+    with pytest.raises(ValueError, match="unexpected key adapters.image.wieght"):
         load_model("xllm", "tiny", checkpoint=tmp_path / "bad.safetensors", **overrides)

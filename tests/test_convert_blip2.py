@@ -469,9 +469,9 @@ def test_corrupted_file_lists_bad_keys(lavis: tuple[LavisBlip2, Path], tmp_path:
     assert report.missing == ["adapters.image.bias", QFORMER + "encoder.layer.0.attention.attention.query.weight"]
     with pytest.raises(ValueError, match="corrupt.pth.*slf.query.weight.*adapters.image.bias"):
         report.check()
-    with pytest.raises(ValueError, match=r"missing keys \['encoder.layer.0.attention.attention.query.weight'\]"):
+    with pytest.raises(ValueError, match=r"\(1 problem\):\n  - missing key encoder.layer.0.attention.attention.query.weight$"):
         load_into(Blip2QFormerModel(qformer_config(False)), out, prefix=QFORMER)
-    with pytest.raises(ValueError, match="missing keys.*'bias'"):
+    with pytest.raises(ValueError, match="missing key bias"):
         load_into(nn.Linear(QF_WIDTH, LLM_WIDTH), out, prefix="adapters.image.")
 
 
@@ -486,7 +486,7 @@ def test_unpaired_q_bias_names_file_and_key(lavis: tuple[LavisBlip2, Path], tmp_
 
 def test_load_into_rejects_wrong_shapes() -> None:
     sd = {"x.weight": torch.zeros(3, 2), "x.bias": torch.zeros(3)}
-    with pytest.raises(ValueError, match=r"x.weight: \(3, 2\) vs module \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"weight has shape \[3, 2\], the model needs \[2, 2\]"):
         load_into(nn.Linear(2, 2), sd, prefix="x.")
     missing, unexpected = load_into(nn.Linear(2, 3), {"x.weight": torch.ones(3, 2), "x.extra": torch.ones(1)},
                                     prefix="x.", strict=False)

@@ -1,19 +1,26 @@
-"""Checkpoints: trainable weights as safetensors, and what a resumed run needs beside them.
+"""Weights in and out: the one reader of weight files, the one key- and shape-checking loader, and checkpoints.
 
-A checkpoint folder ``step_<n>/`` holds ``model.safetensors`` (only the parameters that train, by their
+Every format xllm reads (its own checkpoints, Hugging Face and ChatGLM folders with sharded safetensors or
+``.bin`` files, converted LAVIS / BLIP-2 / Whisper weights) goes through ``read_weights`` and ``load_state``, so a
+checkpoint that does not fit its model is always one error naming the source, the files and every bad key.
+
+A run's checkpoint folder ``step_<n>/`` holds ``model.safetensors`` (only the parameters that train, by their
 composite names) and ``trainer_state.pt`` (optimizer, scheduler, step, epoch, RNG). The state file holds only
 tensors and plain containers, so it loads with ``weights_only=True``: no pickle code runs on load.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,6 +28,113 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 STATE = "trainer_state.pt"
+# A folder's weights, in order of preference: a shard index, else the single file it would index.
+WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
+                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
+class CheckpointError(ValueError):
+    """Weights that do not fit their model: the message lists every problem, naming files and keys."""
+
+
+@dataclass
+class Weights:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)  # the file each key came from
+    skipped: list[str] = field(default_factory=list)  # keys ``skip`` accepted, never read
+    problems: list[str] = field(default_factory=list)  # missing shards, keys in two files
+
+
+def _index_files(folder: Path, index: Path, skip: Callable[[str], bool] | None, weights: Weights) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index}: not a weight index ({error!r})") from None
+    needed = set()
+    for key, name in weight_map.items():
+        if skip is not None and skip(key):
+            weights.skipped.append(key)  # a shard holding only skipped keys is never opened
+        else:
+            needed.add(name)
+    weights.problems += [f"missing shard file {name}" for name in sorted(needed) if not (folder / name).is_file()]
+    return [folder / name for name in sorted(needed) if (folder / name).is_file()]
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file, or a pickled dict of tensors read with ``weights_only`` (no code runs)."""
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{path} holds a {type(tensors).__name__}, not a dict of tensors")
+    return tensors
+
+
+def read_weights(path: str | Path, skip: Callable[[str], bool] | None = None) -> Weights:
+    """Every tensor of a weight file or of a checkpoint folder (a shard index or a single file, safetensors or
+    ``.bin``); keys ``skip`` accepts (an LLM inside a multimodal checkpoint) are listed, not read."""
+    path = Path(path)
+    weights = Weights()
+    if path.is_file():
+        files = [path]
+    else:
+        for index_name, single_name in WEIGHT_LAYOUTS:
+            if (path / index_name).is_file():
+                files = _index_files(path, path / index_name, skip, weights)
+                break
+            if (path / single_name).is_file():
+                files = [path / single_name]
+                break
+        else:
+            names = ", ".join(name for pair in WEIGHT_LAYOUTS for name in pair)
+            raise FileNotFoundError(f"{path} holds no weights (looked for {names})")
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as opened:
+                keys = list(opened.keys())
+                read = {k: opened.get_tensor(k) for k in keys if skip is None or not skip(k)}
+        else:
+            read = read_tensor_file(file)
+            keys = list(read)
+        for key in keys:
+            if key in weights.origin:
+                weights.problems.append(f"key {key} is in both {weights.origin[key]} and {file.name}")
+            elif key not in read:
+                weights.skipped.append(key)
+            else:
+                weights.tensors[key], weights.origin[key] = read[key], file.name
+    return weights
+
+
+def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+               missing_ok: bool | Callable[[str], bool] = False, unexpected_ok: bool = False, assign: bool = False,
+               origin: Mapping[str, str] | None = None, problems: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Copies ``state`` into ``module``'s parameters and buffers by name; returns (missing, unexpected) keys.
+
+    Wrong shapes, unexpected keys (unless ``unexpected_ok``), missing keys (unless ``missing_ok`` says so for
+    them) and the reader's ``problems`` are one ``CheckpointError`` naming ``source`` and every key.
+    ``assign`` puts the tensors themselves in place (a model built on the meta device).
+    """
+    own = dict(module.state_dict())
+    where = {key: f" in {origin[key]}" for key in state if origin and key in origin}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    found = list(problems)
+    found += [f"{k}{where.get(k, '')} has shape {list(v.shape)}, the model needs {list(own[k].shape)}"
+              for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if not unexpected_ok:
+        found += [f"unexpected key {k}{where.get(k, '')}" for k in unexpected]
+    if missing_ok is not True:
+        found += [f"missing key {k}" for k in missing if not (callable(missing_ok) and missing_ok(k))]
+    if found:
+        listing = "\n".join(f"  - {p}" for p in found)
+        raise CheckpointError(f"{source}: the weights do not fit {type(module).__name__} ({len(found)} "
+                              f"problem{'s' if len(found) > 1 else ''}):\n{listing}")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False, assign=assign)
+    return missing, unexpected
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -50,22 +164,13 @@ def load_weights(model: nn.Module, path: str | Path, optional: Callable[[str], b
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {file}")
     state = load_file(str(file))
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
+    own = model.state_dict()
     skipped = sorted(k for k in state if k not in own and optional is not None and optional(k))
     if skipped:
         log.info("%s: skipped %d tensors this model does not build (e.g. %s)", file, len(skipped), skipped[0])
         for key in skipped:
             del state[key]
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                        for k, v in state.items() if k in own and own[k].shape != v.shape)
-    if unexpected or mismatched:
-        raise ValueError(f"checkpoint {file} does not fit the model: unexpected keys {unexpected[:20]}"
-                         f"{' …' if len(unexpected) > 20 else ''}; shape mismatches {mismatched}")
-    with torch.no_grad():
-        for key, value in state.items():
-            own[key].copy_(value)
+    load_state(model, state, f"checkpoint {file}", missing_ok=True)
     return sorted(state)
 
 

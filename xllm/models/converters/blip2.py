@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from xllm.common.checkpoint import CheckpointError, load_state, read_weights
 
 IMAGE_ENCODER = "encoders.image.model."
 IMAGE_INTERFACE = "interfaces.image."
@@ -391,43 +392,6 @@ def load_xllm_checkpoint(path: str | Path, *, text_branch: bool | None = None, i
                                target_keys=target_keys)
 
 
-def _hf_weight_files(path: Path) -> tuple[list[Path], list[str]]:
-    """The weight files to read, and the LLM keys a shard index lists (shards holding only those are never opened)."""
-    if path.is_file():
-        return [path], []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = {f for k, f in weight_map.items() if not k.startswith("language_model.")}
-            return [path / f for f in sorted(shards)], [k for k in weight_map if k.startswith("language_model.")]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (path / name).is_file():
-            return [path / name], []
-    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index")
-
-
-def _read_hf_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """All tensors except ``language_model.*``, whose names are returned separately (they are never read)."""
-    sd: dict[str, torch.Tensor] = {}
-    llm_keys: list[str] = []
-    for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    if key.startswith("language_model."):
-                        llm_keys.append(key)
-                    else:
-                        sd[key] = f.get_tensor(key)
-        else:
-            for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
-                if key.startswith("language_model."):
-                    llm_keys.append(key)
-                else:
-                    sd[key] = tensor
-    return sd, llm_keys
-
-
 def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
@@ -450,9 +414,10 @@ def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_si
     Options as in :func:`load_lavis_checkpoint`.
     """
     path = Path(path)
-    files, indexed_llm_keys = _hf_weight_files(path)
-    sd, llm_keys = _read_hf_weights(files)
-    llm_keys = sorted(set(llm_keys) | set(indexed_llm_keys))
+    weights = read_weights(path, skip=lambda key: key.startswith("language_model."))
+    if weights.problems:
+        raise CheckpointError(f"{path}: " + "; ".join(weights.problems))
+    sd, llm_keys = weights.tensors, sorted(weights.skipped)
     target_keys = list(target_keys) if target_keys is not None else None
     conv = _Conversion(str(path), sd)
     conv.report.ln_vision_eps, note = _hf_layer_norm_eps(path)
@@ -496,21 +461,11 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix:
               allow_missing: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """Load the entries of ``state_dict`` under ``prefix`` (prefix stripped) into ``module``.
 
-    Returns ``(missing, unexpected)``. With ``strict`` any missing or unexpected key raises ``ValueError`` listing them
-    all; module keys starting with one of ``allow_missing`` (e.g. ``"llm."`` for the composite) may be missing. Shape
-    mismatches always raise.
+    Returns ``(missing, unexpected)``. With ``strict`` any missing or unexpected key is an error listing them all;
+    module keys starting with one of ``allow_missing`` (e.g. ``"llm."`` for the composite) may be missing. Shape
+    mismatches are always an error.
     """
-    own = module.state_dict()
-    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     allowed = tuple(allow_missing)
-    missing = sorted(k for k in own if k not in sub and not (allowed and k.startswith(allowed)))
-    unexpected = sorted(k for k in sub if k not in own)
-    shapes = [f"{prefix}{k}: {tuple(v.shape)} vs module {tuple(own[k].shape)}"
-              for k, v in sub.items() if k in own and v.shape != own[k].shape]
-    if shapes:
-        raise ValueError(f"shape mismatch loading into {type(module).__name__}: {shapes}")
-    if strict and (missing or unexpected):
-        raise ValueError(f"loading into {type(module).__name__} (prefix {prefix!r}): missing keys {missing}; "
-                         f"unexpected keys {unexpected}")
-    module.load_state_dict({k: v for k, v in sub.items() if k in own}, strict=False)
-    return missing, unexpected
+    sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return load_state(module, sub, f"converted weights (prefix {prefix!r})", unexpected_ok=not strict,
+                      missing_ok=(lambda key: bool(allowed) and key.startswith(allowed)) if strict else True)

@@ -25,6 +25,8 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from xllm.common.checkpoint import load_state
+
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 _GELU = 3  # CTranslate2's id for exact (erf) GELU, the only activation Whisper uses
 _FIRST_DTYPE_VERSION = 4
@@ -286,7 +288,7 @@ def convert_ct2_whisper(src_dir: str | Path, out_dir: str | Path, dtype: torch.d
 
     with torch.device("meta"):  # every tensor comes from the file, so skip the random initialisation
         model = WhisperForConditionalGeneration(config)
-    model.load_state_dict(whisper_state_dict(ct2, str(model_bin), dtype), strict=True, assign=True)
+    load_state(model, whisper_state_dict(ct2, str(model_bin), dtype), str(model_bin), assign=True)
     model.tie_weights()  # assign=True gave proj_out its own tensor
     model.generation_config = whisper_generation_config(ct2_config, special, config.max_target_positions, multilingual)
     model.save_pretrained(out_dir)

@@ -14,16 +14,15 @@ so silence is ``max(row max - 2, -1.5)``, -1.5 being log10 of the mel floor resc
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from xllm.common.checkpoint import load_state, read_weights
 from xllm.common.paths import resolve_path
 from xllm.models.registry import register_encoder
 
@@ -54,26 +53,14 @@ def load_whisper_encoder(folder: str | Path) -> WhisperEncoder:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"Whisper folder {folder} has no config.json")
     encoder = WhisperEncoder(WhisperConfig.from_pretrained(folder))
-    state = _read_state_dict(folder)
+    state = read_weights(folder).tensors
     wanted = encoder.state_dict().keys()
     for prefix in ENCODER_PREFIXES:
         if all(prefix + key in state for key in wanted):
-            encoder.load_state_dict({key: state[prefix + key] for key in wanted})
+            load_state(encoder, {key: state[prefix + key] for key in wanted}, f"Whisper folder {folder}")
             return encoder.eval()
     missing = sorted(key for key in wanted if not any(p + key in state for p in ENCODER_PREFIXES))
     raise ValueError(f"Whisper checkpoint in {folder} lacks encoder weights, e.g. {missing[:5]}")
-
-
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"Whisper folder {folder} has no model.safetensors(.index.json) or pytorch_model.bin")
 
 
 @register_encoder("whisper")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import BertModel
 
+from xllm.common.checkpoint import load_state
 from xllm.common.paths import resolve_path
 
 # BertModel key -> Q-Former interface keys (one BERT tensor may fill several).
@@ -69,9 +70,6 @@ def init_text_branch_from_bert(interface: nn.Module, spec: str) -> list[str]:
     position_table = own["text.position_embeddings.weight"].clone()
     position_table[:count] = positions[:count]
     filled["text.position_embeddings.weight"] = position_table
-    missing = sorted(k for k in filled if k not in own)
-    if missing:
-        raise ValueError(f"interface.text_init {folder}: the interface has no {missing}")
-    interface.load_state_dict(filled, strict=False)  # a part by design; every key was checked above
+    load_state(interface, filled, f"interface.text_init {folder}", missing_ok=True)  # BERT fills a part by design
     return sorted(filled)
 

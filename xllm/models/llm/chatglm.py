@@ -26,11 +26,14 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from xllm.common.checkpoint import CheckpointError, load_state, read_weights
+from xllm.common.dtypes import DTYPES, torch_dtype
+from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, build_prompt, clean_response, prefix_lm_layout
 
 __all__ = [
@@ -57,9 +60,7 @@ log = logging.getLogger(__name__)
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
 MASK_FILL = -10000.0
 ROTARY_BASE = 10000.0
-IGNORE_INDEX = -100
 INVALID_SCORE_FALLBACK_ID = 5  # "▁": what the original chat emits when the scores hold NaN or inf
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LogitsProcessor = Callable[[torch.Tensor], torch.Tensor]
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -128,19 +129,15 @@ class ChatGLMConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-def resolve_dtype(torch_dtype: torch.dtype | str | None, config: ChatGLMConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, config: ChatGLMConfig) -> torch.dtype:
     """None means float32; "auto" means the config's ``torch_dtype``."""
-    if torch_dtype is None:
+    if dtype is None:
         return torch.float32
-    if torch_dtype == "auto":
-        torch_dtype = config.extra.get("torch_dtype") or "float32"
-    if isinstance(torch_dtype, str):
-        if torch_dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {torch_dtype!r}; known: {', '.join(DTYPES)}")
-        return DTYPES[torch_dtype]
-    if torch_dtype not in DTYPES.values():
-        raise ValueError(f"unsupported dtype {torch_dtype}; known: {', '.join(DTYPES)}")
-    return torch_dtype
+    if dtype == "auto":
+        dtype = config.extra.get("torch_dtype") or "float32"
+    if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; known: {', '.join(DTYPES)}")
+    return torch_dtype(dtype)
 
 
 # --------------------------------------------------------------------------- outputs and cache
@@ -590,9 +587,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         config = ChatGLMConfig.from_json(folder / "config.json")
         dtype = resolve_dtype(torch_dtype, config)
         model = cls.from_config(config, device="meta")
-        state, lm_head = read_checkpoint(folder, {k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                         config, dtype)
-        model.load_state_dict(state, assign=True)
+        lm_head = read_checkpoint(folder, model, config, dtype)
         embeddings = model.transformer.word_embeddings.weight
         if lm_head is not None and not torch.equal(lm_head.to(dtype), embeddings):
             difference = (lm_head.to(dtype).float() - embeddings.float()).abs().max().item()
@@ -674,79 +669,26 @@ def choose_tokens(logits: torch.Tensor, processors: Sequence[LogitsProcessor], d
 # --------------------------------------------------------------------------- checkpoint files
 
 
-class ChatGLMCheckpointError(ValueError):
-    """A checkpoint that does not fit its config; the message lists every problem, naming files and keys."""
+ChatGLMCheckpointError = CheckpointError  # a checkpoint that does not fit its config
 
 
-WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
-                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-
-
-def weight_files(folder: Path) -> tuple[list[Path], list[str]]:
-    """The weight files of a checkpoint folder, and the shards its index names that are absent."""
-    for index_name, single_name in WEIGHT_LAYOUTS:
-        index = folder / index_name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ChatGLMCheckpointError(f"{index}: not a weight index ({error!r})") from None
-            names = sorted(set(weight_map.values()))
-            present = [name for name in names if (folder / name).is_file()]
-            return [folder / name for name in present], [name for name in names if name not in present]
-        if (folder / single_name).is_file():
-            return [folder / single_name], []
-    raise FileNotFoundError(f"{folder} holds no ChatGLM weights (looked for "
-                            f"{', '.join(name for pair in WEIGHT_LAYOUTS for name in pair)})")
-
-
-def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(tensors, dict):
-        raise ChatGLMCheckpointError(f"{path} holds a {type(tensors).__name__}, not a dict of tensors")
-    return tensors
-
-
-def read_checkpoint(folder: Path, expected: dict[str, tuple[int, ...]], config: ChatGLMConfig,
-                    dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The model's tensors in ``dtype`` and the stored ``lm_head.weight`` (None if absent), or one error
-    listing missing shards, missing and unexpected keys and wrong shapes."""
-    files, missing_shards = weight_files(folder)
-    problems = [f"missing shard file {name}" for name in missing_shards]
+def read_checkpoint(folder: Path, model: nn.Module, config: ChatGLMConfig, dtype: torch.dtype) -> torch.Tensor | None:
+    """Loads the folder's weights into ``model`` (built on the meta device) in ``dtype``; returns the stored
+    ``lm_head.weight`` (None if absent), which the original ties to the embedding. One error lists missing shards,
+    missing and unexpected keys and wrong shapes."""
+    weights = read_weights(folder)
+    state = weights.tensors
+    problems = list(weights.problems)
     # Recomputed buffers the original also ignores on load, and the output matrix that it ties.
-    ignored = {f"transformer.layers.{i}.attention.rotary_emb.inv_freq" for i in range(config.num_layers)}
-    optional_shapes = {"lm_head.weight": (config.vocab_size, config.hidden_size)}
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[str, str] = {}
-    lm_head = None
-    for path in files:
-        for key, tensor in read_weight_file(path).items():
-            if key in seen:
-                problems.append(f"key {key} is in both {seen[key]} and {path.name}")
-                continue
-            seen[key] = path.name
-            if key in ignored:
-                continue
-            shape = expected.get(key, optional_shapes.get(key))
-            if shape is None:
-                problems.append(f"unexpected key {key} in {path.name}")
-            elif tuple(tensor.shape) != shape:
-                problems.append(f"{key} in {path.name} has shape {list(tensor.shape)}, the config needs {list(shape)}")
-            elif key == "lm_head.weight":
-                lm_head = tensor
-            else:
-                state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    problems += [f"missing key {key}" for key in expected if key not in seen]
-    if problems:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        raise ChatGLMCheckpointError(f"{folder}: the checkpoint does not fit config.json "
-                                     f"({len(problems)} problems):\n{listing}")
-    return state, lm_head
+    for i in range(config.num_layers):
+        state.pop(f"transformer.layers.{i}.attention.rotary_emb.inv_freq", None)
+    lm_head = state.pop("lm_head.weight", None)
+    if lm_head is not None and tuple(lm_head.shape) != (config.vocab_size, config.hidden_size):
+        problems.append(f"lm_head.weight in {weights.origin['lm_head.weight']} has shape {list(lm_head.shape)}, "
+                        f"the model needs {[config.vocab_size, config.hidden_size]}")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    load_state(model, state, f"{folder} (config.json)", origin=weights.origin, problems=problems, assign=True)
+    return lm_head
 
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], safe_serialization: bool,
