@@ -9,7 +9,8 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from xllm.processors.registry import PROCESSORS
-from xllm.processors.audio import AudioProcessor, collate_audio, fbank, load_audio, log_mel, resample
+from xllm.processors.audio import AudioProcessor, fbank, load_audio, log_mel, resample
+from xllm.processors.collator import collate_media
 
 
 def sine(freq: float, seconds: float, sr: int, amplitude: float = 0.5) -> np.ndarray:
@@ -150,15 +151,16 @@ def test_fbank_matches_kaldi_recipe_on_one_frame():
     np.testing.assert_allclose(feats[:, 7].numpy(), expected, rtol=1e-4, atol=1e-3)
 
 
-def test_collate_audio():
+def test_features_of_different_lengths_batch_with_their_lengths():
     a, b = torch.ones(80, 5), torch.full((80, 3), 2.0)
-    padded, lengths, mask = collate_audio([a, b], pad_value=-1.0)
+    batch = collate_media([a, b])
+    padded, lengths = batch["features"], batch["lengths"]
     assert padded.shape == (2, 80, 5)
     assert lengths.tolist() == [5, 3]
-    assert mask.tolist() == [[True] * 5, [True, True, True, False, False]]
-    assert torch.equal(padded[1, :, :3], b) and (padded[1, :, 3:] == -1.0).all()
-    with pytest.raises(ValueError):
-        collate_audio([torch.ones(80, 5), torch.ones(40, 5)])
+    assert (torch.arange(5)[None] < lengths[:, None]).tolist() == [[True] * 5, [True, True, True, False, False]]
+    assert torch.equal(padded[1, :, :3], b) and (padded[1, :, 3:] == 0.0).all()
+    with pytest.raises(ValueError, match="cannot batch media of shapes"):
+        collate_media([torch.ones(80, 5), torch.ones(40, 5)])
 
 
 def test_processor_registered_and_config_checked():

@@ -6,7 +6,8 @@ from transformers import WhisperForConditionalGeneration, WhisperModel
 
 from xllm.models.registry import ENCODERS
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, load_whisper_encoder, tiny_whisper_config
-from xllm.processors.audio import collate_audio, log_mel
+from xllm.processors.audio import log_mel
+from xllm.processors.collator import collate_media
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def encoder():
 def batch():
     rng = np.random.default_rng(0)
     waves = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (40000, 16160)]  # 250 and 101 frames
-    return collate_audio([log_mel(w) for w in waves])
+    padded = collate_media([log_mel(w) for w in waves])
+    return padded["features"], padded["lengths"]
 
 
 def test_registered():
@@ -27,7 +29,7 @@ def test_registered():
 
 
 def test_output_length_and_mask(encoder, batch):
-    features, lengths, _ = batch
+    features, lengths = batch
     assert lengths.tolist() == [250, 101]
     with torch.no_grad():
         hidden, mask = encoder(features, lengths)
@@ -38,7 +40,7 @@ def test_output_length_and_mask(encoder, batch):
 
 
 def test_real_frames_match_full_window_then_slice(encoder, batch):
-    features, lengths, _ = batch
+    features, lengths = batch
     with torch.no_grad():
         hidden, mask = encoder(features, lengths)
         for row, length in enumerate(lengths.tolist()):

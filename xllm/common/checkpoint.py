@@ -60,10 +60,8 @@ def _index_files(folder: Path, index: Path, skip: Callable[[str], bool] | None, 
     return [folder / name for name in sorted(needed) if (folder / name).is_file()]
 
 
-def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    """A ``.safetensors`` file, or a pickled dict of tensors read with ``weights_only`` (no code runs)."""
-    if path.suffix == ".safetensors":
-        return load_file(path)
+def read_pickled_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled dict of tensors (``.bin``), read with ``weights_only``: no code runs."""
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # files in torch's legacy (non-zip) format cannot be memory-mapped
@@ -97,7 +95,7 @@ def read_weights(path: str | Path, skip: Callable[[str], bool] | None = None) ->
                 keys = list(opened.keys())
                 read = {k: opened.get_tensor(k) for k in keys if skip is None or not skip(k)}
         else:
-            read = read_tensor_file(file)
+            read = read_pickled_tensors(file)
             keys = list(read)
         for key in keys:
             if key in weights.origin:
@@ -135,10 +133,6 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str
                               f"problem{'s' if len(found) > 1 else ''}):\n{listing}")
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False, assign=assign)
     return missing, unexpected
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def weights_path(path: str | Path) -> Path:
@@ -191,7 +185,8 @@ def save_checkpoint(folder: Path, model: nn.Module, trainer_state: dict, keep_la
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
+    trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / WEIGHTS))
     torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

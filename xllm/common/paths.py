@@ -3,7 +3,10 @@ paths resolve."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 # The configs ship inside the package (a checkout's top-level ``configs`` points here), so an installed xllm
@@ -37,3 +40,18 @@ def find_config(path: str | Path) -> Path:
         return given
     packaged = CONFIGS_DIR / given
     return packaged if packaged.is_file() else given
+
+
+def spec_digest(spec) -> str:
+    """A short name for a dataclass spec: the cache folder of what it generates."""
+    return hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def is_current(marker: Path, spec) -> bool:
+    """Whether a folder's ``marker`` file records exactly ``spec``: what the spec generates is there and complete
+    (the marker is written last)."""
+    return marker.is_file() and json.loads(marker.read_text()) == asdict(spec)
+
+
+def mark_current(marker: Path, spec) -> None:
+    marker.write_text(json.dumps(asdict(spec)))

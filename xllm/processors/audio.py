@@ -152,7 +152,9 @@ def log_mel(
         frame_length=WHISPER_N_FFT,
         hop_length=WHISPER_HOP,
         power=2.0,
-        mel_filters=_whisper_mel_filters(n_mels, sample_rate),
+        mel_filters=mel_filter_bank(num_frequency_bins=1 + WHISPER_N_FFT // 2, num_mel_filters=n_mels,
+                                    min_frequency=0.0, max_frequency=8000.0, sampling_rate=sample_rate,
+                                    norm="slaney", mel_scale="slaney"),
         log_mel="log10",
     )
     # Whisper drops the last centred frame, clips the dynamic range to 80 dB below the loudest bin and
@@ -182,7 +184,9 @@ def fbank(audio: np.ndarray, num_mel_bins: int = 80, sample_rate: int = SAMPLE_R
         power=2.0,
         center=False,
         preemphasis=0.97,
-        mel_filters=_kaldi_mel_filters(num_mel_bins, sample_rate),
+        mel_filters=mel_filter_bank(num_frequency_bins=257, num_mel_filters=num_mel_bins, min_frequency=20.0,
+                                    max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm=None,
+                                    mel_scale="kaldi", triangularize_in_mel_space=True),
         log_mel="log",
         mel_floor=float(np.finfo(np.float32).eps),
         remove_dc_offset=True,
@@ -197,49 +201,6 @@ def _checked_waveform(audio: np.ndarray) -> np.ndarray:
     if audio.size == 0:
         raise ValueError("cannot compute features of an empty waveform")
     return audio
-
-
-def _whisper_mel_filters(n_mels: int, sample_rate: int) -> np.ndarray:
-    return mel_filter_bank(
-        num_frequency_bins=1 + WHISPER_N_FFT // 2,
-        num_mel_filters=n_mels,
-        min_frequency=0.0,
-        max_frequency=8000.0,
-        sampling_rate=sample_rate,
-        norm="slaney",
-        mel_scale="slaney",
-    )
-
-
-def _kaldi_mel_filters(n_mels: int, sample_rate: int) -> np.ndarray:
-    return mel_filter_bank(
-        num_frequency_bins=257,
-        num_mel_filters=n_mels,
-        min_frequency=20.0,
-        max_frequency=sample_rate / 2,
-        sampling_rate=sample_rate,
-        norm=None,
-        mel_scale="kaldi",
-        triangularize_in_mel_space=True,
-    )
-
-
-def collate_audio(
-    features: list[torch.Tensor], pad_value: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad [n_mels, T_i] features to (padded [B, n_mels, T_max], lengths [B], mask [B, T_max], True = real)."""
-    if not features:
-        raise ValueError("collate_audio needs at least one feature tensor")
-    n_mels = {f.shape[0] for f in features}
-    if len(n_mels) != 1 or any(f.dim() != 2 for f in features):
-        shapes = [tuple(f.shape) for f in features]
-        raise ValueError(f"features must all be [n_mels, T] with one n_mels, got shapes {shapes}")
-    lengths = torch.tensor([f.shape[1] for f in features])
-    padded = features[0].new_full((len(features), features[0].shape[0], int(lengths.max())), pad_value)
-    for i, f in enumerate(features):
-        padded[i, :, : f.shape[1]] = f
-    mask = torch.arange(padded.shape[2])[None, :] < lengths[:, None]
-    return padded, lengths, mask
 
 
 FEATURES = ("log_mel", "fbank")

@@ -16,12 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from xllm.common.config import choice
 from xllm.processors.registry import register_processor
 from xllm.processors.image import CLIP_MEAN, CLIP_STD, ImageProcessor
-
-SAMPLINGS = ("uniform", "fps")
-BACKENDS = ("pyav", "decord")
-ON_SHORT = ("repeat", "error")
 
 
 class VideoError(ValueError):
@@ -29,7 +26,10 @@ class VideoError(ValueError):
 
 
 def uniform_indices(total: int, count: int) -> list[int]:
-    """``count`` frame indices spread over ``total`` frames: the middle frame of each of ``count`` equal stretches."""
+    """``count`` frame indices spread over ``total`` frames: the middle frame of each of ``count`` equal stretches
+    (every frame of a shorter video)."""
+    if total < count:
+        return list(range(total))
     return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
 
 
@@ -96,7 +96,7 @@ def _read_pyav(path: Path, count: int, sampling: str, fps: float | None) -> list
     if sampling == "fps":
         indices = fps_indices(times, fps, count)
     else:
-        indices = uniform_indices(len(frames), count) if len(frames) >= count else list(range(len(frames)))
+        indices = uniform_indices(len(frames), count)
     return [frames[i].to_image() for i in indices]
 
 
@@ -117,7 +117,7 @@ def _read_decord(path: Path, count: int, sampling: str, fps: float | None) -> li
         raise VideoError(f"cannot open video file {path} with decord: {reason}") from None
     total = len(reader)
     if sampling == "uniform":
-        indices = uniform_indices(total, count) if total >= count else list(range(total))
+        indices = uniform_indices(total, count)
     else:
         rate = reader.get_avg_fps()
         indices = fps_indices([i / rate for i in range(total)], fps, count)
@@ -127,14 +127,9 @@ def _read_decord(path: Path, count: int, sampling: str, fps: float | None) -> li
 def read_frames(path: str | Path, num_frames: int, sampling: str = "uniform", fps: float | None = None,
                 backend: str = "pyav", on_short: str = "repeat") -> list[Image.Image]:
     """``num_frames`` RGB frames of a video file, sampled as described in the module docstring."""
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"video sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    # sampling, backend and on_short are checked where the config loads (their fields' choices)
     if sampling == "fps" and not fps:
         raise ValueError("video sampling 'fps' needs a positive 'fps'")
-    if backend not in BACKENDS:
-        raise ValueError(f"video backend must be one of {BACKENDS}, got {backend!r}")
-    if on_short not in ON_SHORT:
-        raise ValueError(f"on_short must be one of {ON_SHORT}, got {on_short!r}")
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     path = Path(path)
@@ -148,10 +143,10 @@ class VideoProcessor:
     class Config:
         image_size: int = 224
         num_frames: int = 8
-        sampling: str = "uniform"  # uniform | fps
+        sampling: str = choice("uniform", "fps")
         fps: float | None = None  # frames per second read when sampling is "fps"
-        backend: str = "pyav"  # pyav | decord (optional dependency)
-        on_short: str = "repeat"  # repeat (pad with the last frame) | error
+        backend: str = choice("pyav", "decord")  # decord: an optional dependency
+        on_short: str = choice("repeat", "error")  # repeat: pad with the last frame
         mean: list[float] | None = None
         std: list[float] | None = None
 

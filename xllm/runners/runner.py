@@ -132,9 +132,7 @@ class Runner:
     # ----------------------------------------------------------------- loop
 
     def _autocast(self):
-        if self.run.amp is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.run.amp])
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.run.amp), enabled=self.run.amp is not None)
 
     def train(self) -> Path | None:
         """Runs to ``total_steps``; returns the last checkpoint folder."""

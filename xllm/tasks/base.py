@@ -57,7 +57,8 @@ class Task:
     def evaluate(self, model, loader: DataLoader, metric: str, lang: str) -> tuple[dict, list[dict]]:
         """Scores every prediction with ``metric``; returns the report and a row per sample."""
         rows = self.collect(model, loader, lang)
-        return self.score(model, rows, metric), rows
+        score = METRICS.get(metric)
+        return score([r["reference"] for r in rows], [r["prediction"] for r in rows], [r["lang"] for r in rows]), rows
 
     @torch.no_grad()
     def collect(self, model, loader: DataLoader, lang: str) -> list[dict]:
@@ -73,11 +74,6 @@ class Task:
             if self.cfg.eval_max_samples is not None and len(rows) >= self.cfg.eval_max_samples:
                 break
         return rows
-
-    def score(self, model, rows: list[dict], metric: str) -> dict:
-        return METRICS.get(metric)([r["reference"] for r in rows], [r["prediction"] for r in rows],
-                                   [r["lang"] for r in rows])
-
 
 @register_task("llm")
 class LLMTask(Task):

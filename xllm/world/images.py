@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 
+from xllm.common.paths import is_current, mark_current
 from xllm.world.render import RENDER_VERSION, render
 from xllm.world.scenes import Scene, caption_en, caption_zh, question_answers, sample_scene
 
@@ -70,7 +71,7 @@ def write_world_images(spec: WorldImageSpec, root: Path) -> None:
     """Renders every split under ``root``; a ``world.json`` marker written last says the folder is complete."""
     root = Path(root)
     marker = root / "world.json"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
+    if is_current(marker, spec):
         return
     log.info("writing the synthetic world (%s) to %s", spec, root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -85,4 +86,4 @@ def write_world_images(spec: WorldImageSpec, root: Path) -> None:
                 extras = {k: row[k] for k in ("caption_zh", "scene", "qa", "image_id")}
                 sink.write({"__key__": row["image_id"], "png": image, "txt": row["caption"], "json": extras})
         (root / "annotations" / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
-    marker.write_text(json.dumps(asdict(spec)))
+    mark_current(marker, spec)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from xllm.common.paths import is_current, mark_current
 from xllm.world.device import CHANNELS, STATES, answer, sample_status
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,10 @@ def generate_records(spec: WorldSignalSpec) -> dict[str, list[dict]]:
 def write_world_signals(spec: WorldSignalSpec, root: Path) -> None:
     root = Path(root)
     marker = root / "world.json"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
+    if is_current(marker, spec):
         return
     log.info("writing the synthetic world's device status (%s) to %s", spec, root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, rows in generate_records(spec).items():
         (root / "annotations" / f"{split}.json").write_text(json.dumps(rows))
-    marker.write_text(json.dumps(asdict(spec)))
+    mark_current(marker, spec)

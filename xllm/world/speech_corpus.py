@@ -12,14 +12,12 @@ Like ``images.py``, a folder is complete when its ``corpus.json`` marker (the sp
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.common.paths import cache_dir
+from xllm.common.paths import cache_dir, is_current, mark_current, spec_digest
 from xllm.world.scenes import Scene, caption, sample_scene
 from xllm.world.speech import synthesize
 
@@ -56,19 +54,18 @@ def utterances(spec: WorldSpeechSpec) -> list[tuple[str, str, str]]:
 
 
 def corpus_dir(spec: WorldSpeechSpec) -> Path:
-    digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    return cache_dir() / "world" / f"speech-{digest}"
+    return cache_dir() / "world" / f"speech-{spec_digest(spec)}"
 
 
 def ensure_corpus(spec: WorldSpeechSpec, root: Path | None = None, workers: int = 2) -> Path:
     """The corpus folder (``<cache>/world/speech-<digest>`` unless ``root``), synthesised on first use."""
     root = Path(root) if root is not None else corpus_dir(spec)
     marker = root / "corpus.json"
-    if marker.is_file() and json.loads(marker.read_text()) == asdict(spec):
+    if is_current(marker, spec):
         return root
     log.info("synthesising the world's speech (%s) into %s", spec, root)
     synthesize(utterances(spec), root, seed=spec.seed, held_out_voice=spec.held_out_voice, workers=workers)
-    marker.write_text(json.dumps(asdict(spec)))
+    mark_current(marker, spec)
     return root
 
 

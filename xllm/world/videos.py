@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xllm.common.paths import is_current, mark_current
 from xllm.world.motion import Motion, motion_caption_en, motion_caption_zh, sample_motion
 from xllm.world.render import RENDER_VERSION, cell_center, draw_shape
 
@@ -99,7 +100,7 @@ def write_world_videos(spec: WorldVideoSpec, root: Path) -> None:
     """Renders and encodes every split under ``root``; ``world.json`` written last marks the folder complete."""
     root = Path(root)
     marker = root / "world.json"
-    if marker.exists() and json.loads(marker.read_text()) == asdict(spec):
+    if is_current(marker, spec):
         return
     if spec.image_size % 2:
         raise ValueError(f"world video image_size must be even for H.264, got {spec.image_size}")
@@ -111,4 +112,4 @@ def write_world_videos(spec: WorldVideoSpec, root: Path) -> None:
                                    random.Random(row["render_seed"]))
             write_mp4(frames, root / row["video"], spec.fps)
         (root / "annotations" / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
-    marker.write_text(json.dumps(asdict(spec)))
+    mark_current(marker, spec)

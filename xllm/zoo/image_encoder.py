@@ -90,6 +90,5 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
 
     model.train()
     train("tiny image encoder", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
-    folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(folder)

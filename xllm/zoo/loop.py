@@ -1,4 +1,5 @@
-"""The training loop of every zoo builder: scheduled, clipped updates with a progress bar and a log."""
+"""The training loop of every zoo builder: scheduled updates on gradients clipped to norm 1, with a progress bar
+and a log."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from xllm.runners.schedule import lr_factor
-from xllm.zoo.update import clipped_update
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,12 @@ def train(name: str, params: Sequence[torch.nn.Parameter], optimizer: torch.opti
         for step in range(steps):
             result = step_loss(step)
             loss, extras = result if isinstance(result, tuple) else (result, {})
-            clipped_update(loss, optimizer, params, schedule.rate(step, steps))
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.rate(step, steps)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             progress.update(1)
             if step % log_every == 0 or step == steps - 1:

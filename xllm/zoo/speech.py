@@ -23,7 +23,8 @@ from xllm.datasets.builders.asr import read_manifest
 from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
 from xllm.eval.asr_metrics import cer
 from xllm.models.encoders.whisper import WhisperSpeechEncoder, tiny_whisper_config
-from xllm.processors.audio import AudioProcessor, collate_audio
+from xllm.processors.audio import AudioProcessor
+from xllm.processors.collator import collate_media
 from xllm.zoo.loop import Schedule, train
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,9 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
 
     def step_loss(step: int) -> torch.Tensor:
         batch = rng.sample(range(len(features)), recipe.batch_size)
-        padded, lengths, _ = collate_audio([features[i].float() for i in batch])
+        inputs = collate_media([features[i].float() for i in batch])
         targets = [torch.tensor([index[ch] for ch in texts[i]]) for i in batch]
-        hidden, mask = encoder(padded, lengths)
+        hidden, mask = encoder(**inputs) if isinstance(inputs, dict) else encoder(inputs)
         log_probs = head(hidden).log_softmax(-1)
         return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), zero_infinity=True)
@@ -92,7 +93,6 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
     encoder.eval()
     log.info("tiny speech encoder: greedy CTC CER on the validation scenes %.3f", _validation_cer(encoder, head, recipe,
                                                                                                   alphabet))
-    folder.mkdir(parents=True, exist_ok=True)
     encoder.encoder.save_pretrained(folder)
 
 
@@ -102,7 +102,7 @@ def _validation_cer(encoder: WhisperSpeechEncoder, head: nn.Linear, recipe: Tiny
     features, texts = _features(recipe, "val")
     hypotheses = []
     for start in range(0, len(features), recipe.batch_size):
-        padded, lengths, _ = collate_audio([f.float() for f in features[start:start + recipe.batch_size]])
-        hidden, mask = encoder(padded, lengths)
+        inputs = collate_media([f.float() for f in features[start:start + recipe.batch_size]])
+        hidden, mask = encoder(**inputs) if isinstance(inputs, dict) else encoder(inputs)
         hypotheses += ctc_greedy(head(hidden).log_softmax(-1), mask.sum(1), alphabet)
     return cer(texts, hypotheses)[0]

@@ -43,5 +43,4 @@ def train_text_tokenizer(recipe: TinyTextTokenizerRecipe) -> PreTrainedTokenizer
 
 
 def build_text_tokenizer(folder: Path, recipe: TinyTextTokenizerRecipe = TinyTextTokenizerRecipe()) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     train_text_tokenizer(recipe).save_pretrained(folder)

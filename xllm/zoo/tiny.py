@@ -8,14 +8,12 @@ the builder has returned, so the builders know nothing of the cache.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from xllm.common.paths import cache_dir
+from xllm.common.paths import cache_dir, is_current, mark_current
 from xllm.zoo.image_encoder import TinyEncoderRecipe, build_image_encoder
 from xllm.zoo.speech import TinySpeechEncoderRecipe, build_speech_encoder
 from xllm.zoo.text_tokenizer import TinyTextTokenizerRecipe, build_text_tokenizer
@@ -39,12 +37,7 @@ def zoo_dir() -> Path:
 
 
 def is_built(folder: Path, recipe: Any) -> bool:
-    marker = folder / "recipe.json"
-    return marker.is_file() and json.loads(marker.read_text()) == asdict(recipe)
-
-
-def mark_built(folder: Path, recipe: Any) -> None:
-    (folder / "recipe.json").write_text(json.dumps(asdict(recipe)))
+    return is_current(folder / "recipe.json", recipe)
 
 
 def build(names: list[str] | None = None, force: bool = False) -> Path:
@@ -60,7 +53,7 @@ def build(names: list[str] | None = None, force: bool = False) -> Path:
             # A build that stops half-way must not leave the marker of the folder it was overwriting.
             (folder / "recipe.json").unlink(missing_ok=True)
             builder(folder, recipe)
-            mark_built(folder, recipe)
+            mark_current(folder / "recipe.json", recipe)
     return root
 
 

@@ -114,7 +114,6 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
 
     model.train()
     train("tiny LLM", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
-    folder.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -53,20 +53,18 @@ def read_table(path: Path, sep: str | None = None) -> dict[str, str]:
     return table
 
 
-def read_kaldi_dir(data_dir: str | Path, skip_missing: bool = False) -> list[ASRRecord]:
+def read_kaldi_dir(data_dir: str | Path, skip_missing: bool = False, text: str = "text",
+                   sep: str | None = None) -> list[ASRRecord]:
     """A Kaldi data folder: ``wav.scp`` (``utt_id path``) and ``text`` (``utt_id transcript``)."""
     data_dir = Path(data_dir)
-    wavs = read_table(data_dir / "wav.scp")
-    texts = read_table(data_dir / "text")
-    return _join(wavs, texts, data_dir / "wav.scp", data_dir / "text", data_dir, skip_missing)
+    wavs = read_table(data_dir / "wav.scp", sep)
+    texts = read_table(data_dir / text, sep)
+    return _join(wavs, texts, data_dir / "wav.scp", data_dir / text, data_dir, skip_missing)
 
 
 def read_aishell2(data_dir: str | Path, skip_missing: bool = False) -> list[ASRRecord]:
-    """An AISHELL-2 folder (``iOS/data`` and the like): tab-separated ``wav.scp`` and ``trans.txt``."""
-    data_dir = Path(data_dir)
-    wavs = read_table(data_dir / "wav.scp", sep="\t")
-    texts = read_table(data_dir / "trans.txt", sep="\t")
-    return _join(wavs, texts, data_dir / "wav.scp", data_dir / "trans.txt", data_dir, skip_missing)
+    """An AISHELL-2 folder (``iOS/data`` and the like): a Kaldi folder, tab-separated, with ``trans.txt``."""
+    return read_kaldi_dir(data_dir, skip_missing, text="trans.txt", sep="\t")
 
 
 def read_aishell1(root: str | Path, split: str, skip_missing: bool = False) -> list[ASRRecord]:
@@ -220,6 +218,4 @@ class ASRBuilder:
             records = read_aishell1(root, split, cfg.skip_missing)
         else:
             records = read_manifest(location)
-        if cfg.max_samples is not None:
-            records = records[: cfg.max_samples]
-        return ASRDataset(records, AudioProcessor.from_config(dict(cfg.audio)))
+        return ASRDataset(records[: cfg.max_samples], AudioProcessor.from_config(dict(cfg.audio)))

@@ -6,11 +6,10 @@ the answer is the caption. With ``world`` set, the synthetic world is written in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
 
 from xllm.common.config import choice
-from xllm.common.paths import cache_dir, resolve_path
+from xllm.common.paths import cache_dir, resolve_path, spec_digest
 from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
 from xllm.processors.image import ImageProcessor
@@ -54,18 +53,17 @@ def prepare_storage(cfg, spec_class: type = WorldImageSpec, write: Callable = wr
         spec = spec_class(**dict(cfg.world))
     except TypeError as error:
         raise ValueError(f"bad 'world' block {dict(cfg.world)}: {error}") from None
-    digest = hashlib.sha1(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
-    root = resolve_path(cfg.storage) if cfg.storage else cache_dir() / "world" / f"{kind}-{digest}"
+    root = resolve_path(cfg.storage) if cfg.storage else cache_dir() / "world" / f"{kind}-{spec_digest(spec)}"
     write(spec, root)
     return root
 
 
 class CaptionDataset(Dataset):
-    """COCO-caption JSON: a list of records with an image path and a caption."""
+    """Records with a media file and a caption (COCO-caption JSON); ``media`` names the file's field: image, video."""
 
-    def __init__(self, records: list[dict], image_root: Path, processor: ImageProcessor, prompts: list[str],
-                 caption_field: str, training: bool) -> None:
-        self.records, self.image_root, self.processor = records, image_root, processor
+    def __init__(self, records: list[dict], root: Path, processor: Callable, prompts: list[str], caption_field: str,
+                 training: bool, media: str = "image") -> None:
+        self.records, self.root, self.processor, self.media = records, root, processor, media
         self.prompts, self.caption_field, self.training = list(prompts), caption_field, training
 
     def __len__(self) -> int:
@@ -75,7 +73,7 @@ class CaptionDataset(Dataset):
         record = self.records[index]
         # Training varies the instruction; evaluation always asks the first one, so scores are comparable.
         prompt = random.choice(self.prompts) if self.training else self.prompts[0]
-        return {"id": str(record.get("image_id", index)), "image": self.processor(self.image_root / record["image"]),
+        return {"id": str(record.get(f"{self.media}_id", index)), self.media: self.processor(self.root / record[self.media]),
                 "prompt": prompt, "answer": record[self.caption_field]}
 
 
@@ -121,20 +119,29 @@ def read_caption_records(path: Path, caption_field: str, image_root: Path, on_ba
 class CocoCaptionBuilder:
     Config = CaptionBuilderConfig
     metric = "caption"
+    media = "image"  # the records' field holding the media file; its folder is the config's ``<media>_root``
+    world = (WorldImageSpec, write_world_images, "images")  # what a ``world`` block generates
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
-    def build(self, split: str) -> CaptionDataset:
+    def records(self, split: str) -> tuple[list[dict], Path, Path]:
+        """The split's checked records (not yet cut to ``max_samples``), the folder their media paths start in
+        and the annotation file."""
         cfg = self.cfg
-        root = prepare_storage(cfg)
-        image_root = root / cfg.image_root
-        records = read_caption_records(root / cfg.annotations.format(split=split), cfg.caption_field, image_root,
-                                       cfg.on_bad_sample)
-        if cfg.max_samples is not None:
-            records = records[: cfg.max_samples]
-        return CaptionDataset(records, image_root, ImageProcessor(cfg.image_size), cfg.prompts, cfg.caption_field,
-                              training=split == "train")
+        root = prepare_storage(cfg, *self.world)
+        media_root, annotations = root / getattr(cfg, f"{self.media}_root"), root / cfg.annotations.format(split=split)
+        records = read_caption_records(annotations, cfg.caption_field, media_root, cfg.on_bad_sample,
+                                       media_field=self.media)
+        return records, media_root, annotations
+
+    def processor(self) -> Callable:
+        return ImageProcessor(self.cfg.image_size)
+
+    def build(self, split: str) -> CaptionDataset:
+        records, root, _ = self.records(split)
+        return CaptionDataset(records[: self.cfg.max_samples], root, self.processor(), self.cfg.prompts,
+                              self.cfg.caption_field, training=split == "train", media=self.media)
 
 
 @dataclass

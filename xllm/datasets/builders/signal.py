@@ -84,6 +84,4 @@ class SignalTextBuilder:
     def build(self, split: str) -> SignalTextDataset:
         root = prepare_storage(self.cfg, WorldSignalSpec, write_world_signals, kind="signals")
         records = read_signal_records(root / self.cfg.annotations.format(split=split), self.cfg)
-        if self.cfg.max_samples is not None:
-            records = records[: self.cfg.max_samples]
-        return SignalTextDataset(records, self.cfg, training=split == "train")
+        return SignalTextDataset(records[: self.cfg.max_samples], self.cfg, training=split == "train")

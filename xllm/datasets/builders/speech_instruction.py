@@ -101,7 +101,7 @@ class WorldSpeechBuilder:
         root = ensure_corpus(self.spec, resolve_path(self.cfg.storage) if self.cfg.storage else None)
         manifest, prefix = manifest_for(root, split)
         records = [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)]
-        return records if self.cfg.max_samples is None else records[: self.cfg.max_samples]
+        return records[: self.cfg.max_samples]
 
     def build(self, split: str) -> SpeechInstructionDataset:
         cfg = self.cfg

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from xllm.datasets.registry import register_builder
 from xllm.common.config import choice
-from xllm.datasets.builders.caption import CaptionBuilderConfig, prepare_storage, read_caption_records
+from xllm.datasets.builders.caption import CaptionBuilderConfig, CocoCaptionBuilder
 from xllm.world.scenes import NUMBER_ZH
 from xllm.processors.image import ImageProcessor
 
@@ -51,23 +51,13 @@ class WorldQADataset(Dataset):
 
 
 @register_builder("world_qa")
-class WorldQABuilder:
+class WorldQABuilder(CocoCaptionBuilder):
     Config = WorldQAConfig
-    metric = "caption"
-
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
 
     def build(self, split: str) -> WorldQADataset:
-        cfg = self.cfg
-        root = prepare_storage(cfg)
-        image_root = root / cfg.image_root
-        records = read_caption_records(root / cfg.annotations.format(split=split), cfg.caption_field, image_root,
-                                       cfg.on_bad_sample)
+        records, image_root, annotations = self.records(split)
         for index, record in enumerate(records):
             if "qa" not in record or "scene" not in record:
-                raise ValueError(f"record {index} in {root / cfg.annotations.format(split=split)} lacks the world's "
+                raise ValueError(f"record {index} in {annotations} lacks the world's "
                                  "'qa'/'scene' fields: world_qa reads the synthetic world's caption JSON")
-        if cfg.max_samples is not None:
-            records = records[: cfg.max_samples]
-        return WorldQADataset(records, cfg, ImageProcessor(cfg.image_size), image_root)
+        return WorldQADataset(records[: self.cfg.max_samples], self.cfg, self.processor(), image_root)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,9 +152,7 @@ class LoadReport:
             raise ValueError(f"{self.source}: unexpected keys {self.unexpected}; missing keys {self.missing or []}")
 
     def __str__(self) -> str:
-        reasons: dict[str, int] = {}
-        for reason in self.dropped.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
+        reasons = Counter(self.dropped.values())
         lines = [f"{self.source}: {len(self.consumed)} consumed, {len(self.dropped)} dropped, "
                  f"{len(self.unexpected)} unexpected, "
                  f"{'no target given' if self.missing is None else f'{len(self.missing)} missing'}"]
@@ -457,15 +456,11 @@ def merge_loaded(*loaded: tuple[dict[str, torch.Tensor], LoadReport], target_key
     return merged, report
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "", strict: bool = True,
-              allow_missing: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """Load the entries of ``state_dict`` under ``prefix`` (prefix stripped) into ``module``.
-
-    Returns ``(missing, unexpected)``. With ``strict`` any missing or unexpected key is an error listing them all;
-    module keys starting with one of ``allow_missing`` (e.g. ``"llm."`` for the composite) may be missing. Shape
-    mismatches are always an error.
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "",
+              strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load the entries of ``state_dict`` under ``prefix`` (prefix stripped) into ``module``; returns ``(missing,
+    unexpected)``. With ``strict`` any missing or unexpected key is an error listing them all; a wrong shape always is.
     """
-    allowed = tuple(allow_missing)
     sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return load_state(module, sub, f"converted weights (prefix {prefix!r})", unexpected_ok=not strict,
-                      missing_ok=(lambda key: bool(allowed) and key.startswith(allowed)) if strict else True)
+    return load_state(module, sub, f"converted weights (prefix {prefix!r})", missing_ok=not strict,
+                      unexpected_ok=not strict)

@@ -20,13 +20,14 @@ class LLMBackend(nn.Module, ABC):
     """A frozen language model seen through layout / embed / forward / generate."""
 
     layout: TextLayout
+    model: nn.Module  # the transformer, whose input embeddings ``embed`` looks ids up in
     hidden_size: int
     max_prompt_length: int | None = None  # prompt positions, media included, that a row may hold
     overflow: str = "refuse"  # a longer prompt: "refuse" (error) or "truncate" (keep its end)
 
-    @abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ids."""
+        return self.model.get_input_embeddings()(input_ids)
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

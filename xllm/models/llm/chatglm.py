@@ -36,25 +36,6 @@ from xllm.common.dtypes import DTYPES, torch_dtype
 from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, build_prompt, clean_response, prefix_lm_layout
 
-__all__ = [
-    "ChatGLMCache",
-    "ChatGLMCheckpointError",
-    "ChatGLMConfig",
-    "ChatGLMForConditionalGeneration",
-    "ChatGLMOutput",
-    "ChatGLMTokenizer",
-    "GenerationStep",
-    "ParameterReport",
-    "build_prompt",
-    "choose_tokens",
-    "clean_response",
-    "invalid_score_processor",
-    "parameter_report",
-    "prefix_lm_layout",
-    "rotary_frequencies",
-    "sampling_warpers",
-]
-
 log = logging.getLogger(__name__)
 
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
@@ -327,9 +308,6 @@ class ChatGLMForConditionalGeneration(nn.Module):
         """Recompute each block's activations in backward (non-reentrant checkpointing) while training."""
         self.gradient_checkpointing = True
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
     def layout(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix-LM mask [b, 1, s, s] (True = blocked) and 2D positions [b, 2, s] of (left-padded) rows."""
@@ -548,32 +526,13 @@ class ChatGLMForConditionalGeneration(nn.Module):
             response = clean_response(tokenizer.decode(new_ids))
             yield response, history + [(query, response)]
 
-    def chat(
-        self,
-        tokenizer: ChatGLMTokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        top_k: int = 50,
-        overflow: str = "refuse",
-        generator: torch.Generator | None = None,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """(response, history + [(query, response)]) with the original chat defaults; see ``stream_chat``."""
-        history = list(history or [])
-        input_ids = self._chat_input(tokenizer, query, history, max_length, overflow)
-        output = self.generate(
-            input_ids, max_length - input_ids.shape[1], do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-            logits_processors=[invalid_score_processor], generator=generator,
-        )
-        new_ids = output[0, input_ids.shape[1]:].tolist()
-        if tokenizer.eos_token_id in new_ids:
-            new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
-        response = clean_response(tokenizer.decode(new_ids))
-        return response, history + [(query, response)]
+    def chat(self, tokenizer: ChatGLMTokenizer, query: str, history: list[tuple[str, str]] | None = None,
+             **kwargs) -> tuple[str, list[tuple[str, str]]]:
+        """(response, history + [(query, response)]) with the original chat defaults: ``stream_chat``'s last step."""
+        last = ("", list(history or []) + [(query, "")])
+        for last in self.stream_chat(tokenizer, query, history, **kwargs):
+            pass
+        return last
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -44,11 +44,8 @@ class ChatGLMLayout:
 
     def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
         ids = list(prompt_ids) + [self.tokenizer.gmask_token_id, self.tokenizer.bos_token_id]
-        labels = [IGNORE_INDEX] * len(ids)
-        if answer is None:
-            return ids, labels
-        answer_ids = self.tokenize(answer) + [self.tokenizer.eos_token_id]
-        return ids + answer_ids, labels + answer_ids
+        answer_ids = [] if answer is None else self.tokenize(answer) + [self.tokenizer.eos_token_id]
+        return ids + answer_ids, [IGNORE_INDEX] * len(ids) + answer_ids
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer.eos_token_id in ids:
@@ -113,9 +110,6 @@ class ChatGLMBackend(LLMBackend):
 
     # ----------------------------------------------------------------- tensors
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
     def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> ChatGLMOutput:
         # A 2D attention_mask makes the model lay out each row as the original tokenizer pads it.
@@ -130,7 +124,4 @@ class ChatGLMBackend(LLMBackend):
         eop = self.tokenizer.eos_token_id
         output = self.model.generate(input_ids, max_new_tokens, inputs_embeds=inputs_embeds,
                                      attention_mask=attention_mask, eos_token_id=eop, **generation_kwargs)
-        rows = []
-        for row in output[:, input_ids.shape[1]:].tolist():
-            rows.append(row[: row.index(eop)] if eop in row else row)
-        return rows
+        return [row[: row.index(eop)] if eop in row else row for row in output[:, input_ids.shape[1]:].tolist()]

@@ -43,9 +43,7 @@ class HFChatLayout:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
-        if answer is None:
-            return list(prompt_ids), [IGNORE_INDEX] * len(prompt_ids)
-        answer_ids = self.tokenize(answer) + [self.eos_token_id]
+        answer_ids = [] if answer is None else self.tokenize(answer) + [self.eos_token_id]
         return list(prompt_ids) + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
     def decode(self, ids: list[int]) -> str:
@@ -55,11 +53,10 @@ class HFChatLayout:
 @register_llm("hf_causal")
 class HFCausalLM(LLMBackend):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 max_prompt_length: int | None = None, overflow: str = "refuse",
-                 prompt_template: str = "{query}\n") -> None:
+                 max_prompt_length: int | None = None, overflow: str = "refuse") -> None:
         super().__init__()
         self.model = model
-        self.layout = HFChatLayout(tokenizer, prompt_template)
+        self.layout = HFChatLayout(tokenizer)
         self.hidden_size = model.config.hidden_size
         self.max_prompt_length, self.overflow = max_prompt_length, overflow
 
@@ -79,9 +76,6 @@ class HFCausalLM(LLMBackend):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
 
     def forward(self, input_ids, inputs_embeds, attention_mask, labels=None):
         # Left padding: positions count real tokens only, so a padded row computes what it would alone.
