@@ -74,7 +74,7 @@ def resolve_model(model: Any) -> DictConfig:
     arch, model_type = model.get("arch", "xllm"), model.get("model_type", "tiny")
     merged = OmegaConf.merge(model_defaults(arch, model_type), model)
     checked = typed(ModelConfig, merged, "model")
-    if checked.llm.backend != NO_LLM and checked.llm.backend not in LLMS:
+    if checked.llm.backend != NO_LLM:
         try:
             LLMS.get(checked.llm.backend)
         except KeyError as error:

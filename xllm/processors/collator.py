@@ -84,6 +84,16 @@ def collate_media(items: list[torch.Tensor]) -> torch.Tensor | dict[str, torch.T
     raise ValueError(f"cannot batch media of shapes {sorted({tuple(t.shape) for t in items})}")
 
 
+def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(ids, labels) rows as left-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+    width = max(len(ids) for ids, _ in rows)
+    return {
+        "input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows]),
+        "labels": torch.tensor([[IGNORE_INDEX] * (width - len(labels)) + labels for _, labels in rows]),
+    }
+
+
 def media_list(value: torch.Tensor | list | None) -> list[torch.Tensor]:
     if value is None:
         return []
@@ -196,15 +206,12 @@ class Collator:
             self._check_known_tokens(labels, answer, sample_id)
             rows.append((ids, labels))
             kinds += slot_kinds
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.layout.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in rows])
-        batch.labels = torch.tensor([[IGNORE_INDEX] * (width - len(lab)) + lab for _, lab in rows])
-        batch.attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows])
+        padded = left_padded(rows, self.layout.pad_token_id)
+        input_ids, batch.attention_mask, batch.labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
         slots = input_ids == MEDIA_SLOT
         batch.media_slots = torch.full_like(input_ids, NO_MEDIUM)
         batch.media_slots[slots] = torch.tensor(kinds, dtype=torch.long)
-        input_ids[slots] = pad
+        input_ids[slots] = self.layout.pad_token_id
         batch.input_ids = input_ids
 
     def _check_known_tokens(self, labels: list[int], answer: str | None, sample_id: str) -> None:

@@ -28,11 +28,10 @@ from torch import nn
 
 from xllm.world.scenes import ATTRIBUTES, COLOUR_ZH, KIND_ZH, POSITION_ZH, SIZE_ZH, Scene, sample_scene
 from xllm.world.scenes import caption as scene_caption
-from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from xllm.models.llm.chatglm_backend import ChatGLMBackend
 from xllm.models.llm.chatglm_tokenizer import MAX_BLANK_LENGTH
-from xllm.processors.collator import marker, media_span
+from xllm.processors.collator import left_padded, marker, media_span
 from xllm.zoo.loop import Schedule, train
 
 TOKENIZER_FILE = "ice_text.model"
@@ -192,15 +191,6 @@ def document_row(backend: ChatGLMBackend, doc: Document) -> tuple[list[int], lis
     if after:
         prompt += backend.layout.tokenize(doc.span_text) + backend.layout.tokenize(after[0])
     return backend.layout.build_sequence(prompt, doc.answer)
-
-
-def left_padded(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-    return {
-        "input_ids": torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in rows]),
-        "labels": torch.tensor([[IGNORE_INDEX] * (width - len(labels)) + labels for _, labels in rows]),
-    }
 
 
 def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecipe()) -> None:

@@ -16,9 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from xllm.processors.batch import IGNORE_INDEX
+from xllm.processors.collator import left_padded
 from xllm.zoo.corpus import world_documents
 from xllm.zoo.loop import Schedule, train
-from xllm.zoo.tiny_chatglm import left_padded
 
 WARMUP_STEPS = 100
 
