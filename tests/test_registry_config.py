@@ -6,6 +6,8 @@ from omegaconf import OmegaConf
 
 from xllm.common.config import ConfigError
 from xllm.config import load_config
+from xllm.models.adapters import MLPAdapter
+from xllm.models.builder import build_model
 from xllm.models.config import resolve_model
 from xllm.common.registry import Registry
 
@@ -116,3 +118,14 @@ def test_names_are_checked_when_the_config_loads(tmp_path):
     path = write(tmp_path, "model:\n  llm:\n    backend: hf_casual\n")
     with pytest.raises(ConfigError, match="'model.llm.backend': unknown llm backend 'hf_casual'.*'hf_causal'"):
         load_config(path)
+
+
+def test_a_component_may_be_named_by_dotted_path(micro_model_cfg):
+    cfg = OmegaConf.merge(micro_model_cfg, {"modalities": {"image": {
+        "adapter": {"name": "xllm.models.adapters.MLPAdapter", "hidden_dim": 8}}}})
+    resolved = resolve_model(cfg)
+    assert resolved.modalities.image.adapter.hidden_dim == 8
+    with pytest.raises(ConfigError, match="'model.modalities.image.adapter.name': adapter 'xllm.models.adapters.Nope'"
+                                          ": cannot import it as a dotted path"):
+        resolve_model(OmegaConf.merge(cfg, {"modalities": {"image": {"adapter": {"name": "xllm.models.adapters.Nope"}}}}))
+    assert isinstance(build_model(resolved).adapters["image"], MLPAdapter)
