@@ -19,11 +19,11 @@ from pathlib import Path
 import webdataset as wds
 
 from xllm.common.paths import is_current, mark_current
+from xllm.world.splits import SPLITS, unique_draws
 from xllm.world.render import RENDER_VERSION, render
 from xllm.world.scenes import Scene, caption_en, caption_zh, question_answers, sample_scene
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -37,33 +37,21 @@ class WorldImageSpec:
     shard_size: int = 1000
     render_version: int = RENDER_VERSION
 
-    def count(self, split: str) -> int:
-        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-
 
 def generate_records(spec: WorldImageSpec) -> dict[str, list[dict]]:
     """Scenes, captions and QA per split (no pixels); the scene sets of the three splits are disjoint."""
-    seen: set[Scene] = set()
-    records: dict[str, list[dict]] = {}
-    for split_index, split in enumerate(SPLITS):
-        rng = random.Random(f"{spec.seed}/{split_index}")
-        rows = []
-        while len(rows) < spec.count(split):
-            scene = sample_scene(rng, spec.max_shapes)
-            if scene in seen:
-                continue
-            seen.add(scene)
-            image_id = f"{split}_{len(rows):06d}"
-            rows.append({
-                "image": f"images/{split}/{image_id}.png",
-                "caption": caption_en(scene),
-                "image_id": image_id,
-                "caption_zh": caption_zh(scene),
-                "scene": scene.to_dict(),
-                "qa": [list(pair) for pair in question_answers(scene, rng)],
-                "render_seed": rng.randrange(2**31),
-            })
-        records[split] = rows
+    records: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for split, index, scene, rng in unique_draws(spec, f"{spec.seed}/", lambda rng: sample_scene(rng, spec.max_shapes)):
+        image_id = f"{split}_{index:06d}"
+        records[split].append({
+            "image": f"images/{split}/{image_id}.png",
+            "caption": caption_en(scene),
+            "image_id": image_id,
+            "caption_zh": caption_zh(scene),
+            "scene": scene.to_dict(),
+            "qa": [list(pair) for pair in question_answers(scene, rng)],
+            "render_seed": rng.randrange(2**31),
+        })
     return records
 
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xllm.common.paths import is_current, mark_current
+from xllm.world.splits import SPLITS, split_size
 from xllm.world.device import CHANNELS, STATES, answer, sample_status
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -27,16 +27,13 @@ class WorldSignalSpec:
     num_test: int = 200
     steps: int = 16
 
-    def count(self, split: str) -> int:
-        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-
 
 def generate_records(spec: WorldSignalSpec) -> dict[str, list[dict]]:
     records = {}
     for split_index, split in enumerate(SPLITS):
         rng = random.Random(f"signal/{spec.seed}/{split_index}")
         rows = []
-        for index in range(spec.count(split)):
+        for index in range(split_size(spec, split)):
             state, series = sample_status(rng, spec.steps)
             rows.append({"id": f"{split}_{index:06d}", "signal": series, "channels": list(CHANNELS),
                          "state": state, "answer": answer(state), "command": STATES[state][1]})

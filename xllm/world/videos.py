@@ -19,11 +19,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xllm.common.paths import is_current, mark_current
+from xllm.world.splits import SPLITS, unique_draws
 from xllm.world.motion import Motion, motion_caption_en, motion_caption_zh, sample_motion
 from xllm.world.render import RENDER_VERSION, cell_center, draw_shape
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -38,27 +38,16 @@ class WorldVideoSpec:
     max_still: int = 1
     render_version: int = RENDER_VERSION
 
-    def count(self, split: str) -> int:
-        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
-
 
 def generate_records(spec: WorldVideoSpec) -> dict[str, list[dict]]:
     """Motions and captions per split (no pixels); no motion appears in two splits."""
-    seen: set[Motion] = set()
-    records: dict[str, list[dict]] = {}
-    for split_index, split in enumerate(SPLITS):
-        rng = random.Random(f"video/{spec.seed}/{split_index}")
-        rows = []
-        while len(rows) < spec.count(split):
-            motion = sample_motion(rng, spec.max_still)
-            if motion in seen:
-                continue
-            seen.add(motion)
-            video_id = f"{split}_{len(rows):06d}"
-            rows.append({"video": f"videos/{split}/{video_id}.mp4", "caption": motion_caption_en(motion),
-                         "caption_zh": motion_caption_zh(motion), "video_id": video_id,
-                         "motion": motion.to_dict(), "render_seed": rng.randrange(2**31)})
-        records[split] = rows
+    records: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for split, index, motion, rng in unique_draws(spec, f"video/{spec.seed}/",
+                                                  lambda rng: sample_motion(rng, spec.max_still)):
+        video_id = f"{split}_{index:06d}"
+        records[split].append({"video": f"videos/{split}/{video_id}.mp4", "caption": motion_caption_en(motion),
+                               "caption_zh": motion_caption_zh(motion), "video_id": video_id,
+                               "motion": motion.to_dict(), "render_seed": rng.randrange(2**31)})
     return records
 
 
