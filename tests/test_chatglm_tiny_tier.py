@@ -2,6 +2,7 @@
 inside the composite model (prompt layout, labels, media slots, left padding, generation, training)."""
 
 import json
+import pickle
 import random
 
 import pytest
@@ -238,3 +239,9 @@ def test_training_steps_change_only_the_trainable_parameters(tmp_path, model_cfg
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and changed <= trainable
     assert not any(name.startswith("llm.") for name in changed)
+
+
+def test_the_chatglm_collator_pickles(model):
+    collator = pickle.loads(pickle.dumps(model.collator()))
+    samples = [{"id": "a", "image": images(1)[0], "prompt": f"{SPAN}请描述这张图片。", "answer": "好。"}]
+    assert torch.equal(collator(samples).input_ids, model.collator()(samples).input_ids)

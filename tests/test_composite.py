@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -134,3 +136,21 @@ def test_notebook_api_loads_trained_weights(micro_model_cfg, tmp_path):
     save_file({"adapters.image.wieght": trained["adapters.image.weight"]}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="unexpected key adapters.image.wieght"):
         load_model("xllm", "tiny", checkpoint=tmp_path / "bad.safetensors", **overrides)
+
+
+def test_the_collator_runs_in_dataloader_workers(model, micro_world):
+    """The collator travels to worker processes (pickled under the spawn start method) and lays out there what
+    it lays out in the main process."""
+    from torch.utils.data import DataLoader
+
+    from xllm.datasets.build import build_split
+    from xllm.datasets.config import resolve_datasets
+
+    dataset = build_split(resolve_datasets({"w": {"builder": "coco_caption", **micro_world}}), "val")["w"]
+    collator = pickle.loads(pickle.dumps(model.collator()))
+    samples = [dataset[i] for i in range(4)]
+    expected = model.collator()(samples)
+    (in_worker,) = list(DataLoader(samples, batch_size=4, collate_fn=collator, num_workers=1))
+    for name in ("input_ids", "attention_mask", "labels", "media_slots"):
+        assert torch.equal(getattr(in_worker, name), getattr(expected, name)), name
+    assert torch.equal(in_worker.media["image"], expected.media["image"]) and in_worker.ids == expected.ids
