@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xllm.common.config import ConfigError, check_top_level, choice, load_with_base, typed
+from xllm.common.config import ConfigError, check_top_level, choice, load_with_base, registered, typed
 from xllm.common.dtypes import AMP_DTYPES
 from xllm.common.paths import find_config
 from xllm.datasets.config import resolve_datasets
@@ -59,16 +59,6 @@ class RunConfig:
     distributed: str = choice("ddp", "fsdp")  # strategy when launched with torchrun
 
 
-def _check_names(cfg: DictConfig) -> None:
-    for registry, value, key in [(TASKS, cfg.run.task, "run.task"),
-                                 *[(METRICS, entry.metric, f"datasets.{name}.metric")
-                                   for name, entry in cfg.datasets.items()]]:
-        try:
-            registry.get(value)
-        except KeyError as error:
-            raise ConfigError(f"config key '{key}': {error.args[0]}") from None
-
-
 def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:
     """The run's whole configuration, with ``--options key=value`` overrides applied, checked."""
     path = find_config(cfg_path)
@@ -86,7 +76,9 @@ def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictC
             "datasets": resolve_datasets(raw.get("datasets")),
             "run": typed(RunConfig, raw.get("run"), "run"),
         })
-        _check_names(cfg)
+        registered(TASKS, cfg.run.task, "run.task")
+        for name, entry in cfg.datasets.items():
+            registered(METRICS, entry.metric, f"datasets.{name}.metric")
         return cfg
     except ConfigError as error:
         raise ConfigError(f"{cfg_path}: {error}") from None

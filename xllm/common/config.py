@@ -109,14 +109,19 @@ def typed(schema: type, data: Any, path: str) -> DictConfig:
     return merged
 
 
+def registered(registry: Registry, name: str, key: str) -> Any:
+    """What ``registry`` holds under ``name``, the value of config key ``key``; an unknown name is a config error."""
+    try:
+        return registry.get(name)
+    except KeyError as error:
+        raise ConfigError(f"config key '{key}': {error.args[0]}") from None
+
+
 def component(registry: Registry, data: Any, path: str) -> DictConfig:
     """A ``{"name": ..., **options}`` block checked against the registered class's ``Config`` dataclass."""
     if not isinstance(data, (dict, DictConfig)) or "name" not in data:
         raise ConfigError(f"config key '{path}' needs a 'name' naming a registered {registry.kind}")
-    try:
-        cls = registry.get(data["name"])
-    except KeyError as error:
-        raise ConfigError(f"config key '{path}.name': {error.args[0]}") from None
+    cls = registered(registry, data["name"], f"{path}.name")
     options = {k: v for k, v in data.items() if k != "name"}
     checked = OmegaConf.to_container(typed(cls.Config, options, path))
     return OmegaConf.create({"name": data["name"], **checked})

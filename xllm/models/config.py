@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from xllm.common.config import ConfigError, as_list, choice, component, load_yaml, typed
+from xllm.common.config import ConfigError, as_list, choice, component, load_yaml, registered, typed
 from xllm.common.dtypes import DTYPES
 from xllm.common.paths import configs_dir
 from xllm.models.registry import ADAPTERS, ENCODERS, INTERFACES, LLMS
@@ -75,10 +75,7 @@ def resolve_model(model: Any) -> DictConfig:
     merged = OmegaConf.merge(model_defaults(arch, model_type), model)
     checked = typed(ModelConfig, merged, "model")
     if checked.llm.backend != NO_LLM:
-        try:
-            LLMS.get(checked.llm.backend)
-        except KeyError as error:
-            raise ConfigError(f"config key 'model.llm.backend': {error.args[0]}") from None
+        registered(LLMS, checked.llm.backend, "model.llm.backend")
     if checked.checkpoint is not None and not all(isinstance(c, str) and c for c in as_list(checked.checkpoint)):
         raise ConfigError(f"config key 'model.checkpoint' must be a path or a list of paths, got {checked.checkpoint}")
     for name, modality in checked.modalities.items():
