@@ -350,21 +350,9 @@ def _check_speech_adaptors(conv: _Conversion) -> None:
 
 def load_lavis_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
                           target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Convert one LAVIS BLIP-2 ``.pth`` file.
-
-    Expected keys, by file:
-
-    - ``eva_vit_g.pth`` (flat dict): ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``, ``blocks.N.{norm1,norm2,
-      attn.qkv.weight,attn.q_bias,attn.v_bias,attn.proj,mlp.fc1,mlp.fc2}.*`` -> ``encoders.image.model.*``
-      (q_bias, zeros, v_bias become ``self_attn.qkv.bias``).
-    - ``blip2_pretrained.pth`` (stage 1, ``{"model": sd}``): ``ln_vision.*`` (-> ``post_layernorm``),
-      ``query_tokens``, ``Qformer.bert.*`` (query path, text FFN, word/position embeddings),
-      ``Qformer.cls.predictions.*`` (-> ``lm_head``, decoder tied to the word embeddings), ``vision_proj``,
-      ``text_proj``, ``itm_head``, ``temp``.
-    - stage-2 files (``blip2_pretrained_opt*.pth``, ``*_flant5*.pth``): ``ln_vision.*``, ``query_tokens``, the query
-      path of ``Qformer.bert.*`` and ``opt_proj.*`` / ``t5_proj.*`` (-> ``adapters.image``).
-    - Any of them may carry ``visual_encoder.*`` (prefixed ViT keys) and ``Qformer.bert.embeddings.position_ids``
-      (dropped: a buffer).
+    """Convert one LAVIS BLIP-2 ``.pth`` file (``_LAVIS_RULES`` maps every key): ``eva_vit_g.pth`` (the bare ViT;
+    q_bias, zeros and v_bias become ``qkv.bias``), ``blip2_pretrained.pth`` (stage 1, text branch included; the LM
+    head's decoder is tied to the word embeddings) or a stage-2 file (``opt_proj`` / ``t5_proj`` -> ``adapters.image``).
 
     ``text_branch``: keep the stage-1 text branch; by default it is kept unless ``target_keys`` has none of it.
     ``image_size``: interpolate ``pos_embed`` to this image size. ``target_keys`` (e.g. ``model.state_dict().keys()``):
@@ -377,15 +365,9 @@ def load_lavis_checkpoint(path: str | Path, *, text_branch: bool | None = None, 
 
 def load_xllm_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
                          target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Convert an X-LLM runner checkpoint (``{"model": sd}`` or flat), single-stage or merged.
-
-    Expected keys: the LAVIS stage-2 keys of :func:`load_lavis_checkpoint` (``query_tokens``, ``ln_vision.*``,
-    ``Qformer.bert.*``, ``opt_proj.*`` -> ``adapters.image``), plus ``video_query_tokens`` ->
-    ``interfaces.video.query_tokens``, ``video_proj.*`` -> ``adapters.video``, ``pre_bert_proj.*`` ->
-    ``interfaces.speech.input_proj``, ``speech_bert_adaptor.*`` -> ``interfaces.speech.bert`` (a transformers
-    ``BertModel``; its ``position_ids``/``token_type_ids`` buffers are dropped), ``post_bert_proj.*`` or
-    ``speech_feat_proj.*`` -> ``adapters.speech``. ChatGLM's ``opt_model.*rotary_emb.inv_freq`` buffers and any other
-    ``opt_model.*`` key are dropped (the LLM is loaded separately). Options as in :func:`load_lavis_checkpoint`.
+    """Convert an X-LLM runner checkpoint (``{"model": sd}`` or flat), single-stage or merged: the LAVIS stage-2
+    keys plus X-LLM's video, speech and adaptor keys (the "xllm" rules); ChatGLM's ``opt_model.*`` keys are dropped
+    (the LLM is loaded separately). Options as in :func:`load_lavis_checkpoint`.
     """
     return _convert_lavis_file(path, allow_xllm=True, text_branch=text_branch, image_size=image_size,
                                target_keys=target_keys)
@@ -401,16 +383,10 @@ def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
 
 def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
                   target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Convert a Hugging Face ``Blip2Model``, ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``.
-
-    ``path`` is a ``save_pretrained`` folder (``model.safetensors``, ``pytorch_model.bin`` or a sharded index of either)
-    or one weight file. Expected keys: ``vision_model.*`` -> ``encoders.image.model.*``; ``query_tokens``;
-    ``qformer.*`` -> ``interfaces.image.qformer.*``; ``language_projection.*`` -> ``adapters.image``; for retrieval
-    models ``embeddings.{word,position}_embeddings.weight`` -> ``interfaces.image.text.*``, ``vision_projection`` /
-    ``text_projection`` -> ``interfaces.image.{vision,text}_proj``, ``itm_head``. ``language_model.*`` is dropped
-    (the LLM is loaded separately). Checkpoints from before transformers 4.27 with ``self_attn.q_bias``/``v_bias`` are
-    merged into ``qkv.bias``. ``ln_vision_eps`` comes from ``config.json`` (``vision_config.layer_norm_eps``).
-    Options as in :func:`load_lavis_checkpoint`.
+    """Convert a Hugging Face ``Blip2Model``, ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``
+    (a ``save_pretrained`` folder or one weight file; ``_HF_RULES`` maps every key). ``language_model.*`` is not
+    read (the LLM is loaded separately); pre-4.27 ``self_attn.q_bias``/``v_bias`` are merged into ``qkv.bias``;
+    ``ln_vision_eps`` comes from ``config.json``. Options as in :func:`load_lavis_checkpoint`.
     """
     path = Path(path)
     weights = read_weights(path, skip=lambda key: key.startswith("language_model."))

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -380,11 +381,11 @@ class ChatGLMForConditionalGeneration(nn.Module):
             attentions=tuple(attentions) if output_attentions else None,
         )
 
-    def _layout(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
-                attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, past: ChatGLMCache | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
+    def _layout(self, input_ids: torch.Tensor | None, inputs: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None, past: ChatGLMCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask and positions for ``inputs`` (ids or embeddings [b, s, ...]), as ``forward`` describes."""
+        batch, length = inputs.shape[:2]
+        device = inputs.device
         full_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
         padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if past is None:
@@ -442,13 +443,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
             return
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask, built_positions = self.layout(input_ids, attention_mask)
-            position_ids = built_positions if position_ids is None else position_ids
-        if (attention_mask is None) != (position_ids is None):
-            built_mask, built_positions = self.layout(input_ids)
-            attention_mask = built_mask if attention_mask is None else attention_mask
-            position_ids = built_positions if position_ids is None else position_ids
+        if attention_mask is not None or position_ids is not None:
+            attention_mask, position_ids = self._layout(input_ids, input_ids, attention_mask, position_ids, None)
 
         ids, embeds = input_ids, inputs_embeds
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -652,30 +648,17 @@ def read_checkpoint(folder: Path, model: nn.Module, config: ChatGLMConfig, dtype
 
 def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], safe_serialization: bool,
                      max_shard_size: int | None) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
     stem, suffix = ("model", ".safetensors") if safe_serialization else ("pytorch_model", ".bin")
-    count = len(shards)
-    names = [f"{stem}-{i:05d}-of-{count:05d}{suffix}" for i in range(1, count + 1)]
-    if count == 1:
-        names = [f"{stem}{suffix}"]
-    for name, shard in zip(names, shards):
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=stem + "{suffix}" + suffix,
+                                               max_shard_size=math.inf if max_shard_size is None else max_shard_size)
+    for name, keys in split.filename_to_tensors.items():
+        shard = {key: tensors[key] for key in keys}
         if safe_serialization:
             save_file(shard, folder / name, metadata={"format": "pt"})
         else:
             torch.save(shard, folder / name)
-    if count > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-            "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
-        }
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / f"{stem}{suffix}.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
