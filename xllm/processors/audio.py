@@ -38,11 +38,7 @@ TRUNCATION_SLACK_SECONDS = 0.25
 
 
 def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Read a file as float32 mono at ``target_sr``: WAV/FLAC with soundfile, anything else FFmpeg decodes with PyAV.
-
-    Channels are averaged. A missing file raises FileNotFoundError; a corrupt or truncated one ValueError
-    naming the file.
-    """
+    """A file as float32 mono (channels averaged) at ``target_sr``: WAV/FLAC with soundfile, anything else PyAV."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} does not exist")
@@ -207,8 +203,18 @@ FEATURES = ("log_mel", "fbank")
 ON_TOO_LONG = ("trim", "error")
 
 
+@dataclass
+class AudioConfig:
+    sample_rate: int = SAMPLE_RATE
+    feature: str = "log_mel"  # "log_mel" (Whisper) or "fbank" (Kaldi)
+    n_mels: int = 80
+    max_seconds: float | None = 30.0  # None: no limit
+    on_too_long: str = "trim"  # "trim" (with a warning) or "error"
+
+
 @register_processor("audio")
-class AudioProcessor:
+@dataclass
+class AudioProcessor(AudioConfig):
     """A file path or waveform -> [n_mels, frames] features, with the bad-input rules of a training set.
 
     - empty audio: ValueError naming the utterance and file;
@@ -219,31 +225,13 @@ class AudioProcessor:
     - another sample rate: resampled (files always; arrays when their ``sample_rate`` is given).
     """
 
-    @dataclass
-    class Config:
-        sample_rate: int = SAMPLE_RATE
-        feature: str = "log_mel"  # "log_mel" (Whisper) or "fbank" (Kaldi)
-        n_mels: int = 80
-        max_seconds: float | None = 30.0  # None: no limit
-        on_too_long: str = "trim"  # "trim" (with a warning) or "error"
+    Config = AudioConfig
 
-    def __init__(
-        self,
-        sample_rate: int = SAMPLE_RATE,
-        feature: str = "log_mel",
-        n_mels: int = 80,
-        max_seconds: float | None = 30.0,
-        on_too_long: str = "trim",
-    ) -> None:
-        if feature not in FEATURES:
-            raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
-        if on_too_long not in ON_TOO_LONG:
-            raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
-        self.sample_rate = sample_rate
-        self.feature = feature
-        self.n_mels = n_mels
-        self.max_seconds = max_seconds
-        self.on_too_long = on_too_long
+    def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise ValueError(f"feature must be one of {FEATURES}, got {self.feature!r}")
+        if self.on_too_long not in ON_TOO_LONG:
+            raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {self.on_too_long!r}")
         self.silent_utterances: set[str] = set()
 
     @classmethod
