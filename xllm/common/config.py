@@ -40,14 +40,8 @@ def suggest(key: str, known: list[str]) -> str:
 
 def _dataclass_of(annotation: Any) -> type | None:
     """The dataclass inside ``X``, ``X | None`` or ``Optional[X]``, if any."""
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
-        return None
-    for arg in typing.get_args(annotation):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return next((t for t in (annotation, *args) if dataclasses.is_dataclass(t)), None)
 
 
 def _nested_schemas(schema: type, data: Any, path: str):

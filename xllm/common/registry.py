@@ -43,9 +43,6 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries
-
 
 def _import_dotted(path: str, kind: str):
     module_name, _, attribute = path.rpartition(".")

@@ -39,12 +39,9 @@ class CaptionBuilderConfig:
     max_samples: int | None = None
 
 
-def prepare_storage(cfg, spec_class: type = WorldImageSpec, write: Callable = write_world_images,
-                    kind: str = "images") -> Path:
-    """The dataset folder, with the synthetic world written into it first when the config asks for it.
-
-    ``spec_class`` and ``write`` say which part of the world (images by default, or e.g. videos) and ``kind``
-    names its cache folder."""
+def prepare_storage(cfg, spec_class: type, write: Callable, kind: str) -> Path:
+    """The dataset folder, with the part of the synthetic world that ``spec_class`` and ``write`` make (images,
+    videos, ...) written into it first when the config asks for it; ``kind`` names its cache folder."""
     if cfg.world is None:
         if not cfg.storage:
             raise ValueError("dataset needs 'storage' (a data folder) or 'world' (generate the synthetic world)")
@@ -91,10 +88,9 @@ def read_json_list(path: Path, what: str) -> list:
 
 
 def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
-                         media_field: str = "image") -> list[dict]:
-    """Records of a caption JSON; a record lacking a field or a media file is an error naming both.
-
-    ``media_field`` names the field holding the media file's path (``video`` for video captions)."""
+                         media_field: str) -> list[dict]:
+    """Records of a caption JSON whose ``media_field`` names a media file; a record lacking a field or its file
+    is an error naming both."""
     records = read_json_list(path, "caption annotation")
     kept, skipped = [], 0
     for index, record in enumerate(records):
@@ -184,7 +180,7 @@ class ShardCaptionBuilder(CocoCaptionBuilder):
     Config = ShardBuilderConfig
 
     def build(self, split: str) -> ShardDataset:
-        root = prepare_storage(self.cfg)
+        root = prepare_storage(self.cfg, *self.world)
         pattern = self.cfg.shards.format(split=split)
         urls = sorted(str(p) for p in root.glob(pattern)) if "*" in pattern else [str(root / pattern)]
         if not urls:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -354,11 +355,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
             if output_hidden_states:
                 hidden_states.append(hidden)
             past = None if past_key_values is None else past_key_values.layers[i]
-            if checkpointing:
-                hidden, present, probs = checkpoint(layer, hidden, cos, sin, attend_mask, past, eager,
-                                                    use_reentrant=False)
-            else:
-                hidden, present, probs = layer(hidden, cos, sin, attend_mask, past, eager)
+            run = partial(checkpoint, layer, use_reentrant=False) if checkpointing else layer
+            hidden, present, probs = run(hidden, cos, sin, attend_mask, past, eager)
             presents.append(present)
             attentions.append(probs)
         hidden = self.transformer.final_layernorm(hidden)
@@ -677,12 +675,6 @@ class ParameterReport:
 
     def memory_bytes(self, dtype: torch.dtype) -> int:
         return self.parameters * dtype.itemsize
-
-    def __str__(self) -> str:
-        gib = 2**30
-        return (f"parameters {self.parameters:,} (with a separate lm_head {self.checkpoint_parameters:,}); "
-                f"weights in bf16/fp16 {self.memory_bytes(torch.bfloat16) / gib:.2f} GiB, "
-                f"in fp32 {self.memory_bytes(torch.float32) / gib:.2f} GiB")
 
 
 def parameter_report(model: ChatGLMForConditionalGeneration) -> ParameterReport:
