@@ -33,6 +33,11 @@ def resolve_path(spec: str | Path) -> Path:
     return Path(spec).expanduser()
 
 
+def zoo_hint(spec: str | Path) -> str:
+    """What a missing ``zoo:`` path's error adds: how to build the zoo."""
+    return " (build the zoo: python -m xllm.zoo build tiny)" if str(spec).startswith(ZOO_PREFIX) else ""
+
+
 def find_config(path: str | Path) -> Path:
     """A config file by its path, or else by its path inside the packaged configs (``tiny/stage2_image.yaml``)."""
     given = resolve_path(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xllm.common.checkpoint import CheckpointError, load_state, read_weights
+from xllm.common.checkpoint import CheckpointError, load_state, read_pickled_tensors, read_weights
 
 IMAGE_ENCODER = "encoders.image.model."
 IMAGE_INTERFACE = "interfaces.image."
@@ -276,9 +276,7 @@ def _compare_with_target(out: Mapping[str, torch.Tensor], report: LoadReport, ta
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
     """A LAVIS runner file is ``{"model": sd, "optimizer": ..., ...}``; released files may also be the bare ``sd``."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
+    obj = read_pickled_tensors(path)
     sd = obj["model"] if isinstance(obj.get("model"), dict) else obj
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:

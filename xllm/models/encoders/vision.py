@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
-from xllm.common.paths import resolve_path
+from xllm.common.paths import resolve_path, zoo_hint
 from xllm.models.registry import register_encoder
 
 
@@ -42,8 +42,7 @@ class VisionEncoder(nn.Module):
         if cfg.path:
             folder = resolve_path(cfg.path)
             if not (folder / "config.json").is_file():
-                raise FileNotFoundError(f"image encoder folder {folder} has no config.json"
-                                        + (" (build the zoo: python -m xllm.zoo build tiny)" if cfg.path.startswith("zoo:") else ""))
+                raise FileNotFoundError(f"image encoder folder {folder} has no config.json{zoo_hint(cfg.path)}")
             model = Blip2VisionModel.from_pretrained(folder)
         else:
             model = Blip2VisionModel(Blip2VisionConfig(

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, Blip2QFormerConfig, PreTrainedTokenizerB
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from xllm.common.paths import ZOO_PREFIX, resolve_path
+from xllm.common.paths import resolve_path, zoo_hint
 from xllm.models.registry import register_interface
 from xllm.models.interfaces.bert_init import init_text_branch_from_bert
 from xllm.models.interfaces.qformer import QFormerInterface
@@ -42,8 +42,7 @@ def load_text_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """A tokenizer folder (or ``zoo:tiny/text_tokenizer``) with [CLS]/[SEP]/[PAD]; [DEC] is added if absent."""
     folder = resolve_path(spec)
     if not folder.is_dir():
-        hint = " (build the zoo: python -m xllm.zoo build tiny)" if spec.startswith(ZOO_PREFIX) else ""
-        raise FileNotFoundError(f"interface.tokenizer {spec!r}: tokenizer folder {folder} is missing{hint}")
+        raise FileNotFoundError(f"interface.tokenizer {spec!r}: tokenizer folder {folder} is missing{zoo_hint(spec)}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     missing = [name for name in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, name) is None]
     if missing:

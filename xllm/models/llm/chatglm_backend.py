@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from xllm.common.paths import ZOO_PREFIX, resolve_path
+from xllm.common.paths import resolve_path, zoo_hint
 from xllm.models.llm.base import LLMBackend
 from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMOutput, build_prompt
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, clean_response
@@ -92,8 +92,8 @@ class ChatGLMBackend(LLMBackend):
                              "layout (safetensors or pytorch_model*.bin), not GGUF")
         folder = resolve_path(cfg.path)
         if not folder.is_dir():
-            hint = " (build the zoo: python -m xllm.zoo build tiny)" if cfg.path.startswith(ZOO_PREFIX) else ""
-            raise FileNotFoundError(f"llm.path {cfg.path!r}: ChatGLM checkpoint folder {folder} is missing{hint}")
+            raise FileNotFoundError(f"llm.path {cfg.path!r}: ChatGLM checkpoint folder {folder} is missing"
+                                    f"{zoo_hint(cfg.path)}")
         backend = cls.from_pretrained(folder, torch_dtype=cfg.dtype, max_prompt_length=cfg.max_prompt_length,
                                       overflow=cfg.overflow)
         if cfg.gradient_checkpointing:
