@@ -13,20 +13,16 @@ from xllm.common import dist
 class EpochSampler(Sampler[int]):
     """A permutation fixed by (seed, epoch), sharded across ranks, that can start part-way for a resume."""
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True) -> None:
-        self.length, self.seed, self.shuffle = length, seed, shuffle
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed = length, seed
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=generator).tolist()
-        else:
-            order = list(range(self.length))
-        return order[dist.rank():: dist.world_size()]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.length, generator=generator).tolist()[dist.rank():: dist.world_size()]
 
     def __iter__(self):
         return iter(self._indices()[self.start:])

@@ -83,21 +83,19 @@ def caption(scene: Scene, lang: str) -> str:
     raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
 
 
-_SHAPE_EN = re.compile(
-    r"(?P<size>" + "|".join(SIZES) + r") (?P<colour>" + "|".join(COLOURS) + r") (?P<kind>" + "|".join(KINDS) + r") "
-    r"(?P<phrase>" + "|".join(sorted(POSITION_PHRASE_EN.values(), key=len, reverse=True)) + r")"
-)
-_PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASE_EN.items()}
-
-
 def _alternatives(table: dict[str, str]) -> str:
     return "|".join(sorted(table.values(), key=len, reverse=True))
 
+
+_SHAPE_EN = re.compile(f"(?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<kind>{'|'.join(KINDS)}) "
+                       f"(?P<phrase>{_alternatives(POSITION_PHRASE_EN)})")
+_PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASE_EN.items()}
 
 _SHAPE_ZH = re.compile(
     f"(?P<position>{_alternatives(POSITION_ZH)})有一个(?P<size>{_alternatives(SIZE_ZH)})的"
     f"(?P<colour>{_alternatives(COLOUR_ZH)})(?P<kind>{_alternatives(KIND_ZH)})"
 )
+_FROM_ZH = {zh: en for table in (KIND_ZH, COLOUR_ZH, SIZE_ZH, POSITION_ZH) for en, zh in table.items()}
 
 
 def parse_caption(text: str, lang: str = "en") -> list[Shape]:
@@ -108,13 +106,7 @@ def parse_caption(text: str, lang: str = "en") -> list[Shape]:
             for m in _SHAPE_EN.finditer(text.lower())
         ]
     if lang == "zh":
-        inverse = {name: {v: k for k, v in table.items()} for name, table in
-                   (("position", POSITION_ZH), ("size", SIZE_ZH), ("colour", COLOUR_ZH), ("kind", KIND_ZH))}
-        return [
-            Shape(inverse["kind"][m["kind"]], inverse["colour"][m["colour"]], inverse["size"][m["size"]],
-                  inverse["position"][m["position"]])
-            for m in _SHAPE_ZH.finditer(text)
-        ]
+        return [Shape(*(_FROM_ZH[m[name]] for name in ATTRIBUTES)) for m in _SHAPE_ZH.finditer(text)]
     raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
 
 

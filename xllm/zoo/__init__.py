@@ -9,20 +9,10 @@ from xllm.common.paths import ZOO_PREFIX
 
 def zoo_references(cfg) -> set[str]:
     """Every ``zoo:<tier>/...`` path a config mentions."""
-    found: set[str] = set()
-
-    def walk(node) -> None:
-        if isinstance(node, (dict, DictConfig)):
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, (list, ListConfig)):
-            for value in node:
-                walk(value)
-        elif isinstance(node, str) and node.startswith(ZOO_PREFIX):
-            found.add(node)
-
-    walk(OmegaConf.to_container(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg)
-    return found
+    node = OmegaConf.to_container(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    if isinstance(node, (dict, list)):
+        return set().union(*map(zoo_references, node.values() if isinstance(node, dict) else node))
+    return {node} if isinstance(node, str) and node.startswith(ZOO_PREFIX) else set()
 
 
 def ensure(cfg) -> None:
