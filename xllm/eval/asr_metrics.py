@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Sequence
 
 import jiwer
@@ -41,12 +41,7 @@ class ErrorCounts:
         return self.errors / self.reference_length
 
     def __add__(self, other: "ErrorCounts") -> "ErrorCounts":
-        return ErrorCounts(
-            self.substitutions + other.substitutions,
-            self.deletions + other.deletions,
-            self.insertions + other.insertions,
-            self.reference_length + other.reference_length,
-        )
+        return ErrorCounts(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 def normalize_text(text: str, lang: str = "en") -> str:

@@ -21,10 +21,7 @@ def recall_at_k(scores: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int,
 
 def retrieval_report(image_to_text: torch.Tensor, text_to_image: torch.Tensor | None = None,
                      ks: tuple[int, ...] = (1, 5), prefix: str = "") -> dict[str, float]:
-    """``{prefix}i2t_r@k`` (an image finds its caption) and ``{prefix}t2i_r@k`` (a caption finds its image).
-
-    ``text_to_image`` defaults to the transpose of ``image_to_text`` (one symmetric score per pair).
-    """
+    """``{prefix}i2t_r@k`` (an image finds its caption) and ``{prefix}t2i_r@k`` (a caption finds its image)."""
     if text_to_image is None:
         text_to_image = image_to_text.T
     i2t, t2i = recall_at_k(image_to_text, ks), recall_at_k(text_to_image, ks)

@@ -55,11 +55,8 @@ class Modality(nn.Module):
         self.encoder, self.interface, self.adapter = encoder, interface, adapter
 
     def forward(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One [length, llm_width] tensor per medium (lengths may differ, e.g. speech).
-
-        ``inputs`` is a batch tensor, or a dict of the encoder's keyword arguments (padded ``features`` and
-        their ``lengths``) for media of different lengths.
-        """
+        """One [length, llm_width] tensor per medium (lengths may differ, e.g. speech); ``inputs`` is a batch
+        tensor or the encoder's keyword arguments (padded ``features`` and their ``lengths``)."""
         features, mask = self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
         out, out_mask = self.interface(features, mask)
         embeddings = self.adapter(out)

@@ -34,11 +34,8 @@ class Schedule:
 
 def train(name: str, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, steps: int,
           schedule: Schedule, step_loss: Callable[[int], StepLoss], log_every: int = 100) -> None:
-    """Makes ``steps`` clipped updates of ``params``, step ``k`` (from 0) on the loss ``step_loss(k)``.
-
-    A progress bar shows the rate and the time left; a line is logged every ``log_every`` steps and at the last
-    (through the bar, so that it does not break the bar's line).
-    """
+    """Makes ``steps`` clipped updates of ``params``, step ``k`` (from 0) on the loss ``step_loss(k)``, logging
+    every ``log_every`` steps and at the last (through the progress bar, so that it does not break the bar's line)."""
     start = time.time()
     with logging_redirect_tqdm(), tqdm(total=steps, desc=name, dynamic_ncols=True) as progress:
         for step in range(steps):

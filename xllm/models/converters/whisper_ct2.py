@@ -270,11 +270,8 @@ def whisper_tokenizer(src_dir: Path, tokenizer_json: Mapping) -> WhisperTokenize
 
 def convert_ct2_whisper(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32
                         ) -> WhisperForConditionalGeneration:
-    """Write ``src_dir`` (CTranslate2 Whisper) to ``out_dir`` as a transformers folder; returns the model.
-
-    ``out_dir`` gets ``model.safetensors``, ``config.json``, ``generation_config.json`` and the processor files
-    (tokenizer with the special-token fix, feature extractor), loadable with ``from_pretrained``.
-    """
+    """Write ``src_dir`` (CTranslate2 Whisper) to ``out_dir`` as a transformers folder (model, generation config
+    and processor, loadable with ``from_pretrained``); returns the model."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     model_bin = src_dir / "model.bin"
     ct2 = read_ct2_model(model_bin)

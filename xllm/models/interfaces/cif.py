@@ -71,10 +71,8 @@ class CIF(nn.Module):
 def integrate_and_fire(
     x: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0, tail_threshold: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fire tokens from frames x [B, T, D] with weights alphas [B, T] (>= 0, any size).
-
-    Returns (fired [B, T_out, D], lengths [B]); see the module docstring for the boundary and tail rules.
-    """
+    """(fired [B, T_out, D], lengths [B]) from frames x [B, T, D] with weights alphas [B, T] (>= 0, any size), by
+    the boundary and tail rules of the module docstring."""
     batch, frames, dim = x.shape
     if alphas.shape != (batch, frames):
         raise ValueError(f"alphas must be [B, T] = {(batch, frames)}, got {tuple(alphas.shape)}")
