@@ -59,8 +59,8 @@ _LAVIS_RULES: list[tuple[str, str, str]] = [
     (rf"Qformer\.bert\.embeddings\.LayerNorm\.{_WB}", QFORMER + r"layernorm.\1", "core"),
     (rf"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(query|key|value)\.{_WB}",
      QFORMER + r"encoder.layer.\1.\2.attention.\3.\4", "core"),
-    (rf"Qformer\.bert\.(encoder\.layer\.\d+\.((attention|crossattention)\.output\.(dense|LayerNorm)"
-     rf"|intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1", "core"),
+    ((rf"Qformer\.bert\.(encoder\.layer\.\d+\.((attention|crossattention)\.output\.(dense|LayerNorm)"
+      rf"|intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})"), QFORMER + r"\1", "core"),
     (rf"(opt_proj|t5_proj)\.{_WB}", r"adapters.image.\2", "core"),
     (r"Qformer\.bert\.embeddings\.(word|position)_embeddings\.weight",
      IMAGE_INTERFACE + r"text.\1_embeddings.weight", "text"),
