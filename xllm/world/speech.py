@@ -55,14 +55,9 @@ def espeak_binary() -> str:
     return binary
 
 
-def synthesize(
-    utterances: Sequence[tuple[str, str, str]],
-    out_dir: str | Path,
-    voices: Mapping[str, Sequence[str]] | None = None,
-    seed: int = 0,
-    held_out_voice: str | None = None,
-    workers: int = 4,
-) -> dict[str, list[dict]]:
+def synthesize(utterances: Sequence[tuple[str, str, str]], out_dir: str | Path,
+               voices: Mapping[str, Sequence[str]] | None = None, seed: int = 0, held_out_voice: str | None = None,
+               workers: int = 4) -> dict[str, list[dict]]:
     """Speak ``(utt_id, text, lang)`` utterances (lang "en" or "zh") and write the corpus; returns split -> entries."""
     binary = espeak_binary()
     voices = {lang: tuple(names) for lang, names in (voices or DEFAULT_VOICES).items()}

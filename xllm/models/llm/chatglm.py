@@ -317,18 +317,11 @@ class ChatGLMForConditionalGeneration(nn.Module):
         return prefix_lm_layout(input_ids, padding_mask, mask_token_id=c.mask_token_id,
                                 gmask_token_id=c.gmask_token_id, bos_token_id=c.bos_token_id)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: ChatGLMCache | None = None,
-        use_cache: bool | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> ChatGLMOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: ChatGLMCache | None = None,
+                use_cache: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> ChatGLMOutput:
         """``attention_mask`` is either the bool prefix-LM mask [b, 1, s, s] (True = blocked; with a cache, its
         last rows are used) or a padding mask [b, s] (1 = token, 0 = left pad) from which mask and positions
         are built as the original tokenizer pads. Whatever of mask and ``position_ids`` [b, 2, s] is not given
@@ -416,23 +409,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def iter_generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        eos_token_id: int | Sequence[int] | None = None,
-        use_cache: bool = True,
-        logits_processors: Sequence[LogitsProcessor] = (),
-        generator: torch.Generator | None = None,
-    ) -> Iterator[GenerationStep]:
+    def iter_generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, inputs_embeds: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      eos_token_id: int | Sequence[int] | None = None, use_cache: bool = True,
+                      logits_processors: Sequence[LogitsProcessor] = (),
+                      generator: torch.Generator | None = None) -> Iterator[GenerationStep]:
         """One ``GenerationStep`` per new token until every row has emitted an eos id or ``max_new_tokens``.
 
         ``use_cache=False`` recomputes the whole sequence at every step (the original's no-cache path): the
@@ -489,19 +471,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
             ids = ids[-(max_length - 1):]
         return torch.tensor([ids], device=self.device)
 
-    def stream_chat(
-        self,
-        tokenizer: ChatGLMTokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        top_k: int = 50,
-        overflow: str = "refuse",
-        generator: torch.Generator | None = None,
-    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    def stream_chat(self, tokenizer: ChatGLMTokenizer, query: str, history: list[tuple[str, str]] | None = None,
+                    max_length: int = 2048, do_sample: bool = True, top_p: float = 0.7, temperature: float = 0.95,
+                    top_k: int = 50, overflow: str = "refuse",
+                    generator: torch.Generator | None = None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
         """Yields (response so far, history with it) after every generated token; ``max_length`` counts the
         prompt. A prompt that leaves no room is refused (``overflow="refuse"``) or cut to its end
         (``"truncate"``, with a warning)."""

@@ -48,14 +48,8 @@ def _encode_blank_run(match: re.Match) -> str:
     return _blank_token(MAX_BLANK_LENGTH) * full + tail
 
 
-def prefix_lm_layout(
-    input_ids: torch.Tensor,
-    padding_mask: torch.Tensor | None,
-    *,
-    mask_token_id: int,
-    gmask_token_id: int,
-    bos_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prefix_lm_layout(input_ids: torch.Tensor, padding_mask: torch.Tensor | None, *, mask_token_id: int,
+                     gmask_token_id: int, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention mask ``[b, 1, L, L]`` (bool, True = blocked) and 2D position ids ``[b, 2, L]`` of GLM rows.
 
     ``padding_mask`` ([b, L], 1 = real token, 0 = left pad) may be None for unpadded rows. Every row is laid
