@@ -38,7 +38,8 @@ TRUNCATION_SLACK_SECONDS = 0.25
 
 
 def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """A file as float32 mono (channels averaged) at ``target_sr``: WAV/FLAC with soundfile, anything else PyAV."""
+    """A file as float32 mono (channels averaged) at ``target_sr``: WAV/FLAC with soundfile, anything else PyAV.
+    A missing file raises FileNotFoundError; a corrupt or truncated one ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} does not exist")
