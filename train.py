@@ -6,6 +6,7 @@ import argparse
 import random
 
 import torch
+from omegaconf import OmegaConf
 
 from xllm import zoo
 from xllm.common import dist
@@ -29,6 +30,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def set_batch_size(run) -> None:
+    """``run.batch_size`` from ``run.global_batch_size`` when given: an error, on every rank, if the processes
+    and accumulation steps do not divide it."""
+    if run.global_batch_size is None:
+        return
+    per_step = dist.world_size() * run.grad_accum_steps
+    if run.global_batch_size % per_step:
+        raise ValueError(f"run.global_batch_size={run.global_batch_size} does not divide by {dist.world_size()} "
+                         f"processes x run.grad_accum_steps={run.grad_accum_steps}")
+    run.batch_size = run.global_batch_size // per_step
+
+
 def main() -> None:
     args = parse_args()
     setup_logging()
@@ -37,19 +50,23 @@ def main() -> None:
     if args.resume:
         run.resume = args.resume
     dist.init_distributed()
+    dist.check_same_everywhere(OmegaConf.to_yaml(cfg), "config")
+    set_batch_size(run)
     if run.threads:
         torch.set_num_threads(run.threads)
     random.seed(run.seed + dist.rank())
     torch.manual_seed(run.seed + dist.rank())
-    zoo.ensure(cfg)
+    with dist.main_first():  # rank 0 builds the zoo and writes the synthetic world; the others then read them
+        zoo.ensure(cfg)
+        train_parts, val_parts = build_split(cfg.datasets, "train"), build_split(cfg.datasets, "val")
     if dist.is_main():
         print(f"config saved to {save_config(cfg, run.output_dir)}")
     model = build_model(cfg.model)
     task = TASKS.get(run.task)(run)
-    train_set = training_set(build_split(cfg.datasets, "train"), cfg.datasets, run.seed)
+    train_set = training_set(train_parts, cfg.datasets, run.seed)
     train_loader = training_loader(train_set, task.collator(model, training=True), run.batch_size, run.seed,
                                    run.num_workers)
-    val_set = concat(list(build_split(cfg.datasets, "val").values()))
+    val_set = concat(list(val_parts.values()))
     val_loader = evaluation_loader(val_set, task.collator(model, training=True), run.eval_batch_size,
                                    run.num_workers)
     runner = Runner(run, model, task, train_loader, val_loader)

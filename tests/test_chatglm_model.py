@@ -176,7 +176,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(oracle_dir, re
     for checkpointing in (False, True):
         model = ChatGLMForConditionalGeneration.from_pretrained(oracle_dir).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         out = model(ids, labels=ids)
         out.loss.backward()
         if checkpointing:

@@ -140,7 +140,7 @@ def test_prompt_layout_and_labels(model):
     samples = {"image": images(2), "prompt": [f"{SPAN}请描述这张图片。", f"看：{SPAN}"],
                "answer": ["中间有一个小的红色圆形。", "左侧有一个大的蓝色星形。"]}
     batch = model.make_batch(samples, with_answers=True)
-    inputs = model.splice(batch, model.encode(batch))
+    inputs = model.splice(batch, model.encode(batch)[0])
     queries = MICRO_QFORMER["num_query_tokens"]
     layout = llm.layout
     for row, (prompt, answer) in enumerate(zip(samples["prompt"], samples["answer"])):
@@ -176,7 +176,7 @@ def test_prompt_overflow_keeps_the_prompts_end_and_its_gmask_sop(model, caplog):
             model(model.make_batch({**text, "image": images(1), "prompt": [SPAN + "很长的问题" * 6]}, True))
         model.llm.max_prompt_length = queries + 20  # the image and the text after it
         late = model.make_batch({**text, "image": images(1), "prompt": ["很长的问题" * 6 + SPAN]}, True)
-        assert int(model.splice(late, model.encode(late)).media_positions.sum()) == queries
+        assert int(model.splice(late, model.encode(late)[0]).media_positions.sum()) == queries
     finally:
         model.llm.max_prompt_length, model.llm.overflow = None, "refuse"
 
@@ -184,7 +184,7 @@ def test_prompt_overflow_keeps_the_prompts_end_and_its_gmask_sop(model, caplog):
 def test_media_embeddings_fill_the_slots(model):
     samples = {"image": images(2), "prompt": [f"{SPAN}请描述这张图片。"] * 2, "answer": ["好。", "好的。"]}
     batch = model.make_batch(samples, with_answers=True)
-    media = model.encode(batch)
+    media, _ = model.encode(batch)
     inputs = model.splice(batch, media)
     slots = inputs.media_positions
     for row in range(2):

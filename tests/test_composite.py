@@ -24,7 +24,7 @@ def images(n: int) -> torch.Tensor:
 
 def spliced(model, samples: dict):
     batch = model.make_batch(samples, with_answers="answer" in samples)
-    media = model.encode(batch)
+    media, _ = model.encode(batch)
     return batch, media, model.splice(batch, media)
 
 
@@ -108,7 +108,7 @@ def test_prompt_overflow_is_refused_or_truncated(micro_model_cfg):
     assert kept == text_only.input_ids[0][text_only.labels[0] == IGNORE_INDEX].tolist()[-(queries + 8):]
     # an image near the end survives truncation whole, in its place
     late_image = model.make_batch({"image": images(1), "prompt": ["word " * 30 + SPAN], "answer": ["x"]}, True)
-    media = model.encode(late_image)
+    media, _ = model.encode(late_image)
     inputs = model.splice(late_image, media)
     assert ((inputs.labels == IGNORE_INDEX) & (inputs.attention_mask == 1)).sum().item() == queries + 8
     assert torch.equal(inputs.inputs_embeds[0][inputs.media_positions[0]], media["image"][0])

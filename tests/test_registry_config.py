@@ -97,7 +97,7 @@ def test_a_typo_in_an_option_is_an_error_like_the_same_typo_in_the_file(tmp_path
 @pytest.mark.parametrize("key, value, choices", [
     ("run.lr_schedule", "cosin", "'cosine', 'linear', 'constant'"),
     ("run.amp", "bf32", "None, 'bf16', 'fp16'"),
-    ("run.distributed", "zero3", "'ddp', 'fsdp'"),
+    ("run.distributed", "zero3", "'ddp', 'fsdp', 'deepspeed'"),
     ("model.llm.overflow", "cut", "'refuse', 'truncate'"),
     ("model.llm.dtype", "float64", "'float32', 'bfloat16', 'float16'"),
 ])

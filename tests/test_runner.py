@@ -41,8 +41,9 @@ def trained(runner: Runner) -> dict[str, torch.Tensor]:
 
 def with_sgd(runner: Runner) -> Runner:
     """Plain SGD at lr 1: the update is the gradient itself, so its scale is checked too (Adam hides it)."""
-    runner.optimizer = torch.optim.SGD([p for p in runner.model.parameters() if p.requires_grad], lr=1.0)
-    runner.scheduler = torch.optim.lr_scheduler.LambdaLR(runner.optimizer, lambda step: 1.0)
+    strategy = runner.strategy
+    strategy.optimizer = torch.optim.SGD([p for p in runner.model.parameters() if p.requires_grad], lr=1.0)
+    strategy.scheduler = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer, lambda step: 1.0)
     return runner
 
 
@@ -99,7 +100,7 @@ def test_warmup_from_zero_is_transformers_cosine_schedule():
 
 def test_weight_decay_spares_biases_and_norms(tmp_path, micro_model_cfg, micro_world):
     runner = make_runner(make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=1))
-    decay, no_decay = runner.optimizer.param_groups
+    decay, no_decay = runner.strategy.optimizer.param_groups
     names = {id(p): n for n, p in runner.model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
     assert any(names[id(p)].endswith("layernorm.weight") for p in no_decay["params"])

@@ -97,7 +97,7 @@ def test_multimodal_asr_prompt_with_an_image_and_speech(tmp_path, micro_multimod
     prompt = "<Image><ImageHere></Image> <Speech><SpeechHere></Speech> Transcribe the speech about the image."
     samples = [{**speech[i], "image": image, "prompt": prompt} for i in range(2)]
     batch = model.collator()(samples)
-    media = model.encode(batch)
+    media, _ = model.encode(batch)
     inputs = model.splice(batch, media)
     fired = [m.shape[0] for m in media["speech"]]
     assert inputs.media_positions.sum(1).tolist() == [4 + n for n in fired]  # 4 image queries + the fired tokens

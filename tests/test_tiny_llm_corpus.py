@@ -16,7 +16,7 @@ from xllm.zoo.tiny_llm import MEDIA_SPAN, chat_row, render_chat
 @pytest.fixture(scope="module")
 def backend(micro_zoo) -> HFCausalLM:
     cfg = OmegaConf.create({"path": str(micro_zoo["llm"]), "gguf_file": None, "dtype": "float32",
-                            "gradient_checkpointing": False, "max_prompt_length": None, "overflow": "refuse"})
+                            "max_prompt_length": None, "overflow": "refuse"})
     return HFCausalLM.from_config(cfg)
 
 

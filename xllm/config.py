@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -56,7 +57,10 @@ class RunConfig:
     eval_split: str = "test"
     eval_max_samples: int | None = None
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    distributed: str = choice("ddp", "fsdp")  # strategy when launched with torchrun
+    distributed: str = choice("ddp", "fsdp", "deepspeed")  # strategy when launched with torchrun (xllm.runners.parallel)
+    deepspeed: Any = None  # DeepSpeed's config: a mapping, or the path of its JSON file (distributed: deepspeed)
+    # Samples per optimizer step over every process; sets batch_size = global / (processes x grad_accum_steps).
+    global_batch_size: int | None = None
 
 
 def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictConfig:

@@ -5,15 +5,16 @@ Every format xllm reads (its own checkpoints, Hugging Face and ChatGLM folders w
 checkpoint that does not fit its model is always one error naming the source, the files and every bad key.
 
 A run's checkpoint folder ``step_<n>/`` holds ``model.safetensors`` (only the parameters that train, by their
-composite names) and ``trainer_state.pt`` (optimizer, scheduler, step, epoch, RNG). The state file holds only
-tensors and plain containers, so it loads with ``weights_only=True``: no pickle code runs on load.
+composite names, whole whatever the sharding), the optimizer state (``xllm.runners.parallel``) and
+``trainer_state.pt`` with one ``rng_<rank>.pt`` per process (``xllm.runners.runner``); it is written in a
+staging folder and published by an atomic rename.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
+import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,13 +22,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-STATE = "trainer_state.pt"
 # A folder's weights, in order of preference: a shard index, else the single file it would index.
 WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
                   ("pytorch_model.bin.index.json", "pytorch_model.bin"))
@@ -107,15 +107,13 @@ def read_weights(path: str | Path, skip: Callable[[str], bool] | None = None) ->
     return weights
 
 
-def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
-               missing_ok: bool | Callable[[str], bool] = False, unexpected_ok: bool = False, assign: bool = False,
-               origin: Mapping[str, str] | None = None, problems: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-    """Copies ``state`` into ``module``'s parameters and buffers by name; returns (missing, unexpected) keys.
-
-    Wrong shapes, unexpected keys (unless ``unexpected_ok``), missing keys (unless ``missing_ok`` says so for
-    them) and the reader's ``problems`` are one ``CheckpointError`` naming ``source`` and every key.
-    ``assign`` puts the tensors themselves in place (a model built on the meta device).
-    """
+def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+                missing_ok: bool | Callable[[str], bool] = False, unexpected_ok: bool = False,
+                origin: Mapping[str, str] | None = None, problems: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """Whether ``state`` fits ``module``'s parameters and buffers by name and shape; returns (missing,
+    unexpected) keys. Wrong shapes, unexpected keys (unless ``unexpected_ok``), missing keys (unless
+    ``missing_ok`` says so for them) and the reader's ``problems`` are one ``CheckpointError`` naming ``source``
+    and every key."""
     own = dict(module.state_dict())
     where = {key: f" in {origin[key]}" for key in state if origin and key in origin}
     missing = [k for k in own if k not in state]
@@ -131,6 +129,15 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str
         listing = "\n".join(f"  - {p}" for p in found)
         raise CheckpointError(f"{source}: the weights do not fit {type(module).__name__} ({len(found)} "
                               f"problem{'s' if len(found) > 1 else ''}):\n{listing}")
+    return missing, unexpected
+
+
+def load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *, assign: bool = False,
+               **checks) -> tuple[list[str], list[str]]:
+    """Copies ``state`` into ``module`` by name after ``check_state(**checks)``; returns (missing, unexpected).
+    ``assign`` puts the tensors themselves in place (a model built on the meta device)."""
+    missing, unexpected = check_state(module, state, source, **checks)
+    own = module.state_dict()
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False, assign=assign)
     return missing, unexpected
 
@@ -168,28 +175,26 @@ def load_weights(model: nn.Module, path: str | Path, optional: Callable[[str], b
     return sorted(state)
 
 
-def rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+def staging_folder(folder: Path) -> Path:
+    """Where ``folder`` is written before ``publish`` renames it into place."""
+    return folder.with_name(folder.name + ".tmp")
 
 
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def save_checkpoint(folder: Path, model: nn.Module, trainer_state: dict, keep_last: int) -> Path:
-    """Writes ``folder`` atomically (a temporary folder renamed into place) and prunes older step folders."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / WEIGHTS))
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE)
+def publish(folder: Path, keep_last: int) -> Path:
+    """Moves the staged ``folder`` into place atomically, its files flushed to disk first, and prunes older step
+    folders beyond ``keep_last``: a kill at any moment leaves the previous checkpoint whole."""
+    tmp = staging_folder(folder)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            with file.open("rb+") as handle:
+                os.fsync(handle.fileno())
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    directory = os.open(folder.parent, os.O_RDONLY)  # the rename itself reaches the disk
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
     if keep_last > 0:
         for old in step_folders(folder.parent)[:-keep_last]:
             shutil.rmtree(old)
@@ -200,13 +205,6 @@ def step_folders(checkpoints_dir: Path) -> list[Path]:
     """``step_<n>`` folders, oldest first."""
     steps = [p for p in Path(checkpoints_dir).glob("step_*") if p.name[5:].isdigit()]
     return sorted(steps, key=lambda p: int(p.name[5:]))
-
-
-def load_trainer_state(folder: str | Path) -> dict:
-    file = Path(folder) / STATE
-    if not file.is_file():
-        raise FileNotFoundError(f"resume folder {folder} has no {STATE}")
-    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 
 import torch
@@ -35,6 +37,49 @@ def all_reduce_sum(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (building the zoo, writing the synthetic world) while the others wait; then
+    they run it too, finding the files in place."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def reduce_weighted(sums: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Per key, (weighted total, weight) summed over ranks; ranks may hold different keys (one task's loss in a
+    mixture)."""
+    if not dist.is_initialized():
+        return sums
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, sums)
+    reduced: dict[str, tuple[float, float]] = {}
+    for part in gathered:
+        for key, (total, weight) in part.items():
+            old = reduced.get(key, (0.0, 0.0))
+            reduced[key] = (old[0] + total, old[1] + weight)
+    return dict(sorted(reduced.items()))
+
+
+def check_same_everywhere(text: str, what: str) -> None:
+    """Every rank raises the same error when the ranks' ``text`` (a config) differ: none is left waiting."""
+    if not dist.is_initialized():
+        return
+    digests: list = [None] * world_size()
+    dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise ValueError(f"ranks {differing} were started with a different {what} than rank 0 (hashes "
+                         f"{digests[0][:12]} vs {digests[differing[0]][:12]}): start every process with the same one")
 
 
 def pick_device(name: str) -> torch.device:

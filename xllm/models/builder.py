@@ -14,8 +14,10 @@ from torch import nn
 
 from xllm.common.checkpoint import load_weights
 from xllm.common.config import as_list
+from xllm.common.dtypes import torch_dtype
 from xllm.models.config import NO_LLM
 from xllm.models.interfaces.qformer_text import is_text_branch_key
+from xllm.models.memory import enable_activation_checkpointing, store_frozen_in
 from xllm.models.pretrained import load_pretrained
 from xllm.models.registry import ADAPTERS, ENCODERS, INTERFACES, LLMS
 from xllm.models.trainable import apply_trainable
@@ -57,6 +59,12 @@ def build_model(cfg: DictConfig) -> XLLM:
         loaded = load_weights(model, path, optional=is_text_branch_key)  # stage 1's text branch: stage 2 has none
         log.info("loaded %d tensors from %s", len(loaded), path)
     apply_trainable(model, list(cfg.trainable))
+    if cfg.activation_checkpointing:
+        log.info("activation checkpointing in %s", ", ".join(
+            enable_activation_checkpointing(model, list(cfg.activation_checkpointing))))
+    if cfg.frozen_dtype is not None:
+        log.info("%d frozen parameters stored in %s", store_frozen_in(model, torch_dtype(cfg.frozen_dtype)),
+                 cfg.frozen_dtype)
     return model.eval()
 
 

@@ -29,7 +29,6 @@ class LLMConfig:
     gguf_file: str | None = None  # GGUF weights inside ``path`` (the mini tier's LLM ships that way)
     max_prompt_length: int | None = None  # prompt positions (text and media) a row may hold
     overflow: str = choice("refuse", "truncate")  # a longer prompt: an error, or its end kept (with a warning)
-    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -48,6 +47,9 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     trainable: list[str] = field(default_factory=list)  # module names or globs; everything else is frozen
+    # Modules whose layers recompute their activations in backward (``llm``, ``interfaces.*``): less memory.
+    activation_checkpointing: list[str] = field(default_factory=list)
+    frozen_dtype: str | None = choice(None, *DTYPES)  # the dtype frozen parts are stored in; None keeps theirs
     # Original checkpoints converted at build time, before ``checkpoint``: LAVIS/X-LLM ``.pth`` files, Hugging
     # Face ``Blip2*`` folders (``xllm.models.pretrained``); later ones win.
     pretrained: list[str] = field(default_factory=list)

@@ -35,13 +35,16 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
 
     A module trains when none of its parameters is frozen and it either holds a trainable parameter or sits in
     a training parent (dropout layers hold none). So the Q-Former's dropout runs while the frozen LLM's does not.
+    A module that recomputes its activations in backward (``gradient_checkpointing`` on, ``xllm.models.memory``)
+    checks its own mode for that, so it is in training mode while training, and its children keep theirs.
     """
 
     def visit(module: nn.Module, parent_training: bool) -> None:
         params = list(module.parameters())
         frozen = any(not p.requires_grad for p in params)
-        module.training = training and not frozen and (parent_training or any(p.requires_grad for p in params))
+        trains = training and not frozen and (parent_training or any(p.requires_grad for p in params))
+        module.training = trains or (training and getattr(module, "gradient_checkpointing", False) is True)
         for child in module.children():
-            visit(child, module.training)
+            visit(child, trains)
 
     visit(model, False)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from xllm.models.llm.base import LLMBackend
+from xllm.models.memory import dtype_of
 from xllm.models.registry import OBJECTIVES
 from xllm.models.trainable import set_train_mode
 from xllm.processors.batch import IGNORE_INDEX, NO_MEDIUM, Batch
@@ -54,13 +55,26 @@ class Modality(nn.Module):
         super().__init__()
         self.encoder, self.interface, self.adapter = encoder, interface, adapter
 
+    def features(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's features and mask; ``inputs`` is a batch tensor or the encoder's keyword arguments
+        (padded ``features`` and their ``lengths``). Each side gets floats in its own dtype: frozen parts may be
+        stored in bf16 (``model.frozen_dtype``) while the interface trains in fp32."""
+        encoder_dtype = dtype_of(self.encoder)
+        if isinstance(inputs, dict):
+            features, mask = self.encoder(**{k: _cast(v, encoder_dtype) for k, v in inputs.items()})
+        else:
+            features, mask = self.encoder(_cast(inputs, encoder_dtype))
+        return _cast(features, dtype_of(self.interface)), mask
+
     def forward(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """One [length, llm_width] tensor per medium (lengths may differ, e.g. speech); ``inputs`` is a batch
-        tensor or the encoder's keyword arguments (padded ``features`` and their ``lengths``)."""
-        features, mask = self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
-        out, out_mask = self.interface(features, mask)
+        """One [length, llm_width] tensor per medium (lengths may differ, e.g. speech)."""
+        out, out_mask = self.interface(*self.features(inputs))
         embeddings = self.adapter(out)
         return [embeddings[i][out_mask[i]] for i in range(embeddings.shape[0])]
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 class XLLM(nn.Module):
@@ -72,6 +86,7 @@ class XLLM(nn.Module):
         self.encoders = nn.ModuleDict({m: mod.encoder for m, mod in modalities.items()})
         self.interfaces = nn.ModuleDict({m: mod.interface for m, mod in modalities.items()})
         self.adapters = nn.ModuleDict({m: mod.adapter for m, mod in modalities.items()})
+        self.every_modality_every_step = False  # see ``encode``
         # Parameter-free: an objective reads the model's parts, and the task names the one a stage optimises.
         self.objectives = nn.ModuleDict({name: OBJECTIVES.get(name)() for name in OBJECTIVES.names()})
 
@@ -107,8 +122,27 @@ class XLLM(nn.Module):
 
     # ----------------------------------------------------------------- media in the prompt
 
-    def encode(self, batch: Batch) -> dict[str, list[torch.Tensor]]:
-        return {m: self.modality(m)(media) for m, media in batch.media.items()}
+    def encode(self, batch: Batch) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor | float]:
+        """Each medium of the batch through its modality, and a zero to add to the loss.
+
+        With ``every_modality_every_step`` (set for training in several processes), a modality the batch lacks
+        runs one dummy input, times zero: every rank then runs every module, in the same order, at every step,
+        so DDP's gradient reduction and FSDP's all-gathers stay in step when one rank's batch is speech and
+        another's images. The dummy pass draws from a forked RNG: the real stream is the same as without it.
+        """
+        unknown = sorted(set(batch.media) - set(self.encoders))
+        if unknown:
+            raise ValueError(f"the batch holds {', '.join(unknown)} media but the model has only "
+                             f"{', '.join(self.encoders)}")
+        media, idle = {}, 0.0
+        for name in self.encoders:  # a fixed order: collectives pair up across ranks in call order
+            if name in batch.media:
+                media[name] = self.modality(name)(batch.media[name])
+            elif self.every_modality_every_step and torch.is_grad_enabled():
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    out = self.modality(name)(self.encoders[name].dummy_input(self.device))
+                idle = idle + 0.0 * sum(t.sum() for t in out)
+        return media, idle
 
     def splice(self, batch: Batch, media: dict[str, list[torch.Tensor]]) -> LLMInputs:
         """The LLM's inputs: each placeholder widened to its medium's embeddings, rows left-padded again.

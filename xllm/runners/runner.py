@@ -3,29 +3,33 @@
 The runner gets a model the builder has already made trainable (``model.trainable``), a task (the objective
 and how it is scored) and data loaders whose collator made the batches; it knows no model part and no
 dataset. AdamW (no decay on norms and biases), linear warm-up then cosine (or linear, or constant) schedule,
-gradient accumulation that averages over the task's units exactly, optional autocast, DDP under
-``torchrun``, validation loss, JSON-lines + TensorBoard logs, and checkpoints that resume to the same step,
-data order and RNG state.
+gradient accumulation that averages over the task's units exactly, optional autocast, DDP, FSDP2 or
+DeepSpeed under ``torchrun`` (``xllm.runners.parallel``), validation loss, JSON-lines + TensorBoard logs with
+every value reduced over ranks, and checkpoints that resume to the same step, data order and RNG state.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from xllm.common import dist
-from xllm.common.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, restore_rng,
-                                    save_checkpoint)
+from xllm.common.checkpoint import WEIGHTS, latest_checkpoint, publish, staging_folder
 from xllm.common.dtypes import AMP_DTYPES
 from xllm.common.logging import MetricLogger
+from xllm.runners.parallel import make_strategy
 from xllm.runners.schedule import lr_factor
+
+STATE = "trainer_state.pt"  # scheduler, step, epoch, samples seen: tensors and plain containers only
 
 log = logging.getLogger(__name__)
 
@@ -68,65 +72,95 @@ class Runner:
             raise ValueError("model.trainable names no parameter: nothing would train")
         if dist.is_main():
             print(parameter_table(self.model))
-        self.wrapped = self._wrap(self.model)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, run.weight_decay), lr=run.lr,
-                                           betas=tuple(run.betas))
-        # A map-style dataset's sampler can start part-way through an epoch (``set_position``) for a resume.
-        sampler = train_loader.sampler
-        self.sampler = sampler if hasattr(sampler, "set_position") else None
+        # Every rank runs every modality at every step (a dummy input where its batch has none): collectives
+        # would otherwise fall out of step when one rank's batch is speech and another's images.
+        self.model.every_modality_every_step = dist.world_size() > 1
+        # The position in the training order: a map-style sampler (or a stream) re-enters it on resume.
+        self.data = next((source for source in (train_loader.sampler, train_loader.dataset)
+                          if hasattr(source, "set_position")), None)
         self.total_steps = self._total_steps()
-        min_ratio = run.min_lr / run.lr if run.lr else 0.0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, self.total_steps, run.warmup_steps, run.lr_schedule, min_ratio))
+        self.strategy = make_strategy(run)
+        self.wrapped = self.strategy.prepare(self.model, self._optimizer)
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
 
-    def _wrap(self, model):
-        if dist.world_size() == 1:
-            return model
-        if self.run.distributed == "fsdp":
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            return FullyShardedDataParallel(model, use_orig_params=True)
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, find_unused_parameters=False)
+    def _optimizer(self, model: nn.Module):
+        run = self.run
+        optimizer = torch.optim.AdamW(param_groups(model, run.weight_decay), lr=run.lr, betas=tuple(run.betas))
+        min_ratio = run.min_lr / run.lr if run.lr else 0.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+            s, self.total_steps, run.warmup_steps, run.lr_schedule, min_ratio))
+        return optimizer, scheduler
 
     def _total_steps(self) -> int:
-        if self.sampler is None:
+        if isinstance(self.train_loader.dataset, IterableDataset):
             if self.run.max_steps is None:
                 raise ValueError("run.max_steps is required for streaming (webdataset) training data")
             return self.run.max_steps
         per_epoch = len(self.train_loader) // self.run.grad_accum_steps
         if per_epoch == 0:
             raise ValueError(f"{len(self.train_loader.dataset)} training samples make no optimizer step at batch "
-                             f"{self.run.batch_size} x {self.run.grad_accum_steps} accumulation")
+                             f"{self.run.batch_size} x {self.run.grad_accum_steps} accumulation x "
+                             f"{dist.world_size()} processes")
         total = per_epoch * self.run.max_epochs
         return min(total, self.run.max_steps) if self.run.max_steps is not None else total
 
-    # ----------------------------------------------------------------- resume
+    # ----------------------------------------------------------------- checkpoints
+
+    def _samples_per_batch(self) -> int:
+        return self.run.batch_size * dist.world_size()
 
     def resume(self, folder: str | Path) -> None:
+        """Weights, optimizer, schedule, position in the data and each rank's RNG from a checkpoint folder (or
+        the run's latest). The torch strategies resume with any world size whose global batch divides the
+        samples already seen; each rank without a saved RNG state of its own is seeded from the step."""
         folder = Path(folder)
         if folder.name == "latest" or folder == self.output_dir:
             found = latest_checkpoint(self.output_dir)
             if found is None:
                 raise FileNotFoundError(f"no checkpoint to resume from in {self.output_dir / 'checkpoints'}")
             folder = found
-        load_weights(self.model, folder)
-        state = load_trainer_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-        restore_rng(state["rng"])
+        if not (folder / STATE).is_file():
+            raise FileNotFoundError(f"resume folder {folder} has no {STATE}")
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        samples = state["samples_done"]
+        if samples % self._samples_per_batch():
+            raise ValueError(f"{folder}: {samples} samples of epoch {state['epoch']} seen, which {dist.world_size()} "
+                             f"processes x batch {self.run.batch_size} cannot continue from exactly")
+        self.strategy.load(self.model, folder)
+        self.strategy.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batches_done = samples // self._samples_per_batch()
+        rng_file = folder / f"rng_{dist.rank()}.pt"
+        if rng_file.is_file():
+            restore_rng(torch.load(rng_file, map_location="cpu", weights_only=True))
+        else:
+            log.warning("%s holds no RNG state for rank %d: seeding it from the step", folder, dist.rank())
+            torch.manual_seed(self.run.seed + dist.rank() + 1000 * self.step)
+            random.seed(self.run.seed + dist.rank() + 1000 * self.step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch, self.batches_done)
 
     def _save(self) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done}
-        folder = save_checkpoint(self.output_dir / "checkpoints" / f"step_{self.step}", self.model, state,
-                                 self.run.keep_last)
-        log.info("saved %s", folder)
+        """Every rank writes its part into the staging folder; rank 0 writes the rest and publishes it."""
+        folder = self.output_dir / "checkpoints" / f"step_{self.step}"
+        staging = staging_folder(folder)
+        if dist.is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        weights = self.strategy.trainable_state(self.model)
+        self.strategy.save(self.model, staging)
+        torch.save(rng_state(), staging / f"rng_{dist.rank()}.pt")
+        if dist.is_main():
+            save_file(weights, str(staging / WEIGHTS))
+            torch.save({"scheduler": self.strategy.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                        "samples_done": self.batches_done * self._samples_per_batch(),
+                        "world_size": dist.world_size()}, staging / STATE)
+        dist.barrier()
+        if dist.is_main():
+            publish(folder, self.run.keep_last)
+            log.info("saved %s", folder)
+        dist.barrier()
         return folder
 
     # ----------------------------------------------------------------- loop
@@ -137,20 +171,22 @@ class Runner:
     def train(self) -> Path | None:
         """Runs to ``total_steps``; returns the last checkpoint folder."""
         run = self.run
-        scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main(), desc="train",
                         dynamic_ncols=True)
         last_checkpoint = None
         window_weight, window_logs, micro = 0.0, {}, 0
         self.model.train()
         while self.step < self.total_steps:
-            if self.sampler is not None:
-                self.sampler.set_position(self.epoch, self.batches_done * run.batch_size)
+            if self.data is not None:
+                self.data.set_position(self.epoch, self.batches_done * self._samples_per_batch())
             for batch in self.train_loader:
                 self.batches_done += 1
-                with self._autocast():
-                    out = self.task.train_step(self.wrapped, batch.to(self.device))
-                scaler.scale(out.loss * out.weight).backward()
+                micro += 1
+                closes_window = micro % run.grad_accum_steps == 0
+                with self.strategy.micro_step(self.wrapped, closes_window):
+                    with self._autocast():
+                        out = self.task.train_step(self.wrapped, batch.to(self.device))
+                    self.strategy.backward(out.loss, out.weight)
                 window_weight += out.weight
                 for key, value in out.logs.items():
                     # A logged value is weighted by the micro-batch's units, or by its own (value, weight) pair
@@ -158,21 +194,20 @@ class Runner:
                     value, weight = value if isinstance(value, tuple) else (value, out.weight)
                     total, weights = window_logs.get(key, (0.0, 0.0))
                     window_logs[key] = (total + value * weight, weights + weight)
-                micro += 1
-                if micro % run.grad_accum_steps:
+                if not closes_window:
                     continue
-                self._optimizer_step(scaler, window_weight)
+                self.strategy.step(window_weight)
                 self.step += 1
                 progress.update(1)
                 if self.step % run.log_interval == 0 or self.step == self.total_steps:
-                    values = {k: total / weights for k, (total, weights) in window_logs.items() if weights > 0}
-                    values["lr"] = self.scheduler.get_last_lr()[0]
+                    values = weighted_means(dist.reduce_weighted(window_logs))
+                    values["lr"] = self.strategy.scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
                     self.logger.log(self.step, "train", values)
                 window_weight, window_logs = 0.0, {}
                 if run.val_interval and self.step % run.val_interval == 0:
                     self.validate()
-                if run.save_interval and self.step % run.save_interval == 0 and dist.is_main():
+                if run.save_interval and self.step % run.save_interval == 0:
                     last_checkpoint = self._save()
                 if self.step >= self.total_steps:
                     break
@@ -180,35 +215,20 @@ class Runner:
                 self.epoch, self.batches_done = self.epoch + 1, 0
                 if not run.val_interval:
                     self.validate()
-                if not run.save_interval and dist.is_main():
+                if not run.save_interval:
                     last_checkpoint = self._save()
                 continue
             break
         progress.close()
-        if dist.is_main() and (last_checkpoint is None or last_checkpoint.name != f"step_{self.step}"):
+        if last_checkpoint is None or last_checkpoint.name != f"step_{self.step}":
             last_checkpoint = self._save()
         self.logger.close()
         return last_checkpoint
 
-    def _optimizer_step(self, scaler, window_weight: float) -> None:
-        # Each micro-batch added (mean loss x its token count): dividing by the window's total count gives
-        # the mean over every answer token the optimizer step saw, on every rank (DDP averages over ranks).
-        total = dist.all_reduce_sum(window_weight) / dist.world_size()
-        scaler.unscale_(self.optimizer)
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.div_(max(total, 1.0))
-        if self.run.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           self.run.grad_clip)
-        scaler.step(self.optimizer)
-        scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     @torch.no_grad()
     def validate(self) -> float | None:
+        """The loss over the validation batches, through the wrapped model (FSDP's shards are gathered); every
+        rank reads the same batches, so it is the same on every rank."""
         if self.val_loader is None:
             return None
         self.model.eval()
@@ -219,7 +239,7 @@ class Runner:
             if self.run.val_max_batches is not None and index >= self.run.val_max_batches:
                 break
             with self._autocast():
-                out = self.task.train_step(self.model, batch.to(self.device))
+                out = self.task.train_step(self.wrapped, batch.to(self.device))
             total_loss += out.loss.item() * out.weight
             total_weight += out.weight
         torch.set_rng_state(state[0])
@@ -229,3 +249,18 @@ class Runner:
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)
         return loss
+
+
+def weighted_means(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+    return {key: total / weight for key, (total, weight) in sums.items() if weight > 0}
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -6,6 +6,7 @@ the answer is the caption. With ``world`` set, the synthetic world is written in
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import webdataset as wds
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from xllm.common import dist
 from xllm.common.config import choice
 from xllm.common.paths import cache_dir, resolve_path, spec_digest
 from xllm.datasets.registry import register_builder
@@ -23,6 +25,7 @@ from xllm.world.images import WorldImageSpec, write_world_images
 from xllm.processors.image import ImageProcessor
 
 log = logging.getLogger(__name__)
+DECODE = wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])
 
 
 @dataclass
@@ -145,34 +148,97 @@ class ShardBuilderConfig(CaptionBuilderConfig):
     shards: str = "shards/{split}-*.tar"  # a glob relative to storage, or brace notation (``{000000..000009}``)
     image_key: str = "png;jpg;jpeg"
     caption_key: str = "txt"  # or "json" to read ``caption_field`` from the sample's JSON
+    shuffle_buffer: int = 1000  # training samples shuffled in a seeded buffer of this size; 0 or 1 keeps order
+    seed: int = 0  # the training order: shard order per epoch and the shuffle buffer
 
 
 class ShardDataset(IterableDataset):
+    """Samples from webdataset shards: in shard order for evaluation; for training, an endless stream.
+
+    Training: each epoch deals the shards, in an order drawn from (seed, epoch), to the ranks in turn, shuffles
+    each rank's samples in a seeded buffer and moves on to the next epoch, so every rank always has a next batch
+    (the run's length is ``run.max_steps``). The stream batches itself (``batch_size``): batch ``k`` of a rank
+    is decoded by DataLoader worker ``k % workers``, which the DataLoader returns in turn, so the order is the
+    same whatever the number of workers, and ``set_position`` skips the samples a resumed run has seen without
+    decoding them. ``max_samples`` caps each rank's epoch at ``max_samples // world size`` samples.
+    """
+
     def __init__(self, urls: list[str], cfg, training: bool) -> None:
         self.urls, self.cfg, self.training = urls, cfg, training
         self.processor = ImageProcessor(cfg.image_size)
+        self.batch_size: int | None = None  # set by the training loader: the stream yields lists of samples
+        self.epoch = self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """``start`` samples seen by all ranks together (the stream's epochs run on inside it)."""
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
+        if not self.training or self.batch_size is None:
+            yield from self._evaluation_samples()
+            return
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        skip = self.start // dist.world_size()
+        batch, index, epoch = [], 0, self.epoch
+        while True:
+            seen = 0
+            for raw in self._epoch(epoch):
+                seen += 1
+                if skip:
+                    skip -= 1
+                    continue
+                batch.append(raw)
+                if len(batch) == self.batch_size:
+                    if index % workers == worker_id:
+                        yield self._decoded_batch(batch)
+                    batch, index = [], index + 1
+            if seen == 0:
+                raise ValueError(f"rank {dist.rank()} got no training sample from its shards {self.urls}")
+            epoch += 1
+
+    def _epoch(self, epoch: int):
+        """This rank's raw (undecoded) samples of one epoch."""
+        shards = list(self.urls)
+        random.Random(f"{self.cfg.seed}-{epoch}").shuffle(shards)
+        if len(shards) < dist.world_size():
+            raise ValueError(f"{len(shards)} shards cannot be dealt to {dist.world_size()} processes: write at least "
+                             f"as many shards as processes ({self.urls[0]} ...)")
+        stages = [wds.SimpleShardList(shards[dist.rank():: dist.world_size()]), wds.tarfile_to_samples()]
+        if self.cfg.shuffle_buffer > 1:
+            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer,
+                                      seed=f"{self.cfg.seed}-{epoch}-{dist.rank()}"))
+        cap = None if self.cfg.max_samples is None else self.cfg.max_samples // dist.world_size()
+        return itertools.islice(wds.DataPipeline(*stages), cap)
+
+    def _decoded_batch(self, raws: list[dict]) -> list[dict]:
+        samples = [s for s in map(self._sample, raws) if s is not None]
+        if not samples:
+            raise ValueError(f"every sample of a batch was bad ({', '.join(r['__key__'] for r in raws[:4])} ... in "
+                             f"{raws[0].get('__url__')})")
+        return samples
+
+    def _evaluation_samples(self):
+        pipeline = wds.DataPipeline(wds.SimpleShardList(self.urls), wds.tarfile_to_samples())
+        samples = filter(None, map(self._sample, pipeline))
+        yield from itertools.islice(samples, self.cfg.max_samples)
+
+    def _sample(self, raw: dict) -> dict | None:
+        """The decoded sample, or None for a bad one with ``on_bad_sample: skip`` (logged)."""
         cfg = self.cfg
-        pipeline = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False).decode("pil")
-        produced = skipped = 0
-        for sample in pipeline:
-            if cfg.max_samples is not None and produced >= cfg.max_samples:
-                break
-            try:
-                image = next(sample[k] for k in cfg.image_key.split(";") if k in sample)
-                answer = sample["txt"] if cfg.caption_key == "txt" else sample["json"][cfg.caption_field]
-            except (StopIteration, KeyError):
-                if cfg.on_bad_sample != "skip":
-                    raise ValueError(f"shard sample {sample.get('__key__')} in {sample.get('__url__')} lacks "
-                                     f"{cfg.image_key!r} or {cfg.caption_key!r}") from None
-                skipped += 1
-                continue
-            prompt = random.choice(cfg.prompts) if self.training else cfg.prompts[0]
-            produced += 1
-            yield {"id": sample["__key__"], "image": self.processor(image), "prompt": prompt, "answer": answer}
-        if skipped:
-            log.warning("skipped %d shard samples lacking an image or caption (on_bad_sample: skip)", skipped)
+        sample = DECODE(raw)
+        try:
+            image = next(sample[k] for k in cfg.image_key.split(";") if k in sample)
+            answer = sample["txt"] if cfg.caption_key == "txt" else sample["json"][cfg.caption_field]
+        except (StopIteration, KeyError):
+            problem = (f"shard sample {sample.get('__key__')} in {sample.get('__url__')} lacks {cfg.image_key!r} or "
+                       f"{cfg.caption_key!r}")
+            if cfg.on_bad_sample != "skip":
+                raise ValueError(problem) from None
+            log.warning("skipped %s (on_bad_sample: skip)", problem)
+            return None
+        prompt = random.choice(cfg.prompts) if self.training else cfg.prompts[0]
+        return {"id": sample["__key__"], "image": self.processor(image), "prompt": prompt, "answer": answer}
 
 
 @register_builder("webdataset_caption")

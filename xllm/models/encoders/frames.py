@@ -32,6 +32,10 @@ class FrameEncoder(nn.Module):
                              "model.modalities.<video>.shares to that modality (e.g. shares: image)")
         return cls(shared.encoder)
 
+    def dummy_input(self, device: torch.device) -> torch.Tensor:
+        """A one-frame video of the image encoder's dummy image."""
+        return self.image.dummy_input(device)[:, None]
+
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, 3, H, W] frames -> features [B, T, tokens, D] and mask [B, T, tokens]."""
         if pixel_values.dim() != 5:

@@ -29,6 +29,11 @@ class SignalEncoder(nn.Module):
     def build(cls, cfg) -> "SignalEncoder":
         return cls(cfg.channels)
 
+    def dummy_input(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """One all-zero step."""
+        return {"features": torch.zeros(1, self.output_dim, 1, device=device),
+                "lengths": torch.ones(1, dtype=torch.long, device=device)}
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if features.dim() != 3 or features.shape[1] != self.output_dim:
             raise ValueError(f"signal input must be [batch, {self.output_dim} channels, steps], "

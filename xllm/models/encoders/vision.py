@@ -51,6 +51,10 @@ class VisionEncoder(nn.Module):
                 intermediate_size=cfg.intermediate_size))
         return cls(model, cfg.ln_vision_eps)
 
+    def dummy_input(self, device: torch.device) -> torch.Tensor:
+        """One black image: what a rank runs when its batch has none (``XLLM.encode``)."""
+        return torch.zeros(1, 3, self.image_size, self.image_size, device=device)
+
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised patch features [N, 1 + patches, D] and an all-true mask (every token is real)."""
         hidden = self.model(pixel_values=pixel_values).last_hidden_state

@@ -90,6 +90,11 @@ class WhisperSpeechEncoder(nn.Module):
         )
         return cls(WhisperEncoder(config))
 
+    def dummy_input(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Two frames of silence."""
+        return {"features": torch.full((1, self.encoder.config.num_mel_bins, 2), SILENCE_FLOOR, device=device),
+                "lengths": torch.full((1,), 2, dtype=torch.long, device=device)}
+
     def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-mel [B, n_mels, T] with real lengths [B] -> (hidden [B, ceil(max length / 2), D], mask, True = real).
 

@@ -306,8 +306,9 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.word_embeddings
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each block's activations in backward (non-reentrant checkpointing) while training."""
+    def activation_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in backward (non-reentrant checkpointing) while training (the
+        name transformers gives the same switch)."""
         self.gradient_checkpointing = True
 
     def layout(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None

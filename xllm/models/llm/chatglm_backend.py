@@ -94,11 +94,8 @@ class ChatGLMBackend(LLMBackend):
         if not folder.is_dir():
             raise FileNotFoundError(f"llm.path {cfg.path!r}: ChatGLM checkpoint folder {folder} is missing"
                                     f"{zoo_hint(cfg.path)}")
-        backend = cls.from_pretrained(folder, torch_dtype=cfg.dtype, max_prompt_length=cfg.max_prompt_length,
-                                      overflow=cfg.overflow)
-        if cfg.gradient_checkpointing:
-            backend.model.gradient_checkpointing_enable()
-        return backend
+        return cls.from_pretrained(folder, torch_dtype=cfg.dtype, max_prompt_length=cfg.max_prompt_length,
+                                   overflow=cfg.overflow)
 
     @classmethod
     def from_random(cls, config_dict: dict, tokenizer_folder: str | Path,

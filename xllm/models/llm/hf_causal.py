@@ -73,8 +73,6 @@ class HFCausalLM(LLMBackend):
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
 
     def forward(self, input_ids, inputs_embeds, attention_mask, labels=None):

@@ -39,8 +39,7 @@ class CIFSpeechRecognition(nn.Module):
             raise ValueError(f"the cif_asr objective needs {MODALITY!r} in every batch (samples {batch.ids[:4]} ...)")
         inputs = batch.media[MODALITY]
         with torch.no_grad():  # the speech encoder is frozen in this stage
-            frames, mask = model.encoders[MODALITY](**inputs) if isinstance(inputs, dict) \
-                else model.encoders[MODALITY](inputs)
+            frames, mask = model.modality(MODALITY).features(inputs)
         out = model.interfaces[MODALITY].fire(frames, mask, target_lengths)
         embeddings = model.require_llm().model.get_input_embeddings().weight
         vectors = model.adapters[MODALITY](out.hidden)

@@ -17,11 +17,12 @@ class LanguageModelling(nn.Module):
 
     def forward(self, model, batch: Batch):
         llm = model.require_llm()
-        inputs = model.splice(batch, model.encode(batch))
+        media, idle = model.encode(batch)
+        inputs = model.splice(batch, media)
         out = llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, inputs.labels)
         labels = inputs.labels[:, 1:]
         units = int((labels != IGNORE_INDEX).sum())
-        result = ModelOutput(out.loss, units, {"loss": out.loss.item()}, logits=out.logits)
+        result = ModelOutput(out.loss + idle, units, {"loss": out.loss.item()}, logits=out.logits)
         if batch.tasks and all(task is not None for task in batch.tasks):
             # Per-sample sums for a mixture's per-task losses; the gradient flows through the mean above only.
             with torch.no_grad():
@@ -33,7 +34,7 @@ class LanguageModelling(nn.Module):
     @torch.no_grad()
     def predict(self, model, batch: Batch, max_new_tokens: int = 40, **generation_kwargs) -> list[str]:
         llm = model.require_llm()
-        inputs = model.splice(batch, model.encode(batch))
+        inputs = model.splice(batch, model.encode(batch)[0])
         rows = llm.generate(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, max_new_tokens,
                             **generation_kwargs)
         return [llm.decode(ids) for ids in rows]

@@ -40,7 +40,7 @@ def text_interface(model) -> QFormerWithText:
 
 def image_features(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():  # the encoder is frozen in every stage
-        return model.encoders[MODALITY](images)
+        return model.modality(MODALITY).features(images)
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""What a stage keeps in memory: the dtype frozen modules are stored in, and layers recomputed in backward.
+
+Stage 2's memory is mostly the frozen LLM's activations, which the gradient flows back through to the media
+embeddings: its weights never train, but its layers must still keep (or recompute) their activations.
+Activation checkpointing recomputes them in backward. transformers' layers and the native ChatGLM checkpoint
+only while their module is in training mode, which a frozen module never is (``set_train_mode``), so a
+checkpointing module is put in training mode itself while its children keep theirs: no dropout turns on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xllm.models.trainable import matches
+
+
+def supports_checkpointing(module: nn.Module) -> bool:
+    return callable(getattr(module, "activation_checkpointing_enable", None)) and getattr(
+        module, "supports_gradient_checkpointing", True)
+
+
+def enable_activation_checkpointing(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Turns on activation checkpointing in every transformers model (and native ChatGLM) inside the modules
+    ``patterns`` name (``llm``, ``interfaces.*``); returns the names of those models.
+
+    A pattern under which no model can checkpoint is an error, as a trainable pattern that matches nothing is.
+    """
+    found = []
+    for pattern in patterns:
+        inside = [(name, module) for name, module in model.named_modules()
+                  if name and matches(name, [pattern]) and supports_checkpointing(module)]
+        # The outermost models only: enabling one reaches the layers of every model inside it.
+        outermost = [(n, m) for n, m in inside if not any(n.startswith(o + ".") for o, _ in inside)]
+        if not outermost:
+            raise ValueError(f"model.activation_checkpointing: no module under {pattern!r} can recompute its "
+                             "layers (transformers models and the native ChatGLM can)")
+        for name, module in outermost:
+            module.activation_checkpointing_enable()  # non-reentrant: transformers' default
+            found.append(name)
+    return found
+
+
+def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Casts every part of the composite (the LLM, each encoder, interface and adapter) whose parameters are all
+    frozen to ``dtype``; returns the number of parameters cast. A part that trains keeps its dtype whole: the
+    optimizer updates it in full precision, and its layers never mix dtypes. ``Modality`` casts each medium to
+    the dtype of the part that reads it."""
+    parts = [model.llm] if model.llm is not None else []
+    for group in (model.encoders, model.interfaces, model.adapters):
+        parts += list(group.values())
+    cast: dict[int, int] = {}  # by parameter id: the video encoder shares the image encoder's
+    for part in parts:
+        params = list(part.parameters())
+        if params and not any(p.requires_grad for p in params):
+            part.to(dtype)
+            cast.update((id(p), p.numel()) for p in part.parameters())
+    return sum(cast.values())
+
+
+def dtype_of(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter; None for a module without parameters."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
