@@ -104,3 +104,15 @@ def test_weight_decay_spares_biases_and_norms(tmp_path, micro_model_cfg, micro_w
     names = {id(p): n for n, p in runner.model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
     assert any(names[id(p)].endswith("layernorm.weight") for p in no_decay["params"])
+
+
+def test_bf16_autocast_run_follows_the_fp32_run(tmp_path, micro_model_cfg, micro_world):
+    runs = {}
+    for amp in (None, "bf16"):
+        cfg = make_cfg(tmp_path / str(amp), micro_model_cfg, micro_world, max_steps=3, amp=amp)
+        make_runner(cfg).train()
+        rows = [json.loads(line) for line in (tmp_path / str(amp) / "run" / "log.jsonl").read_text().splitlines()]
+        runs[amp] = [row["loss"] for row in rows if row["split"] == "train"]
+    assert len(runs["bf16"]) == 3 and runs["bf16"] != runs[None]
+    for mixed, full in zip(runs["bf16"], runs[None]):
+        assert abs(mixed - full) <= 2e-2 * full

@@ -15,7 +15,7 @@ from xllm.models.config import resolve_model
 from xllm.eval.retrieval import recall_at_k, retrieval_report
 from xllm.models.builder import build_model
 from xllm.models.interfaces.qformer_text import grounded_causal_mask, is_text_branch_key
-from xllm.common.dist import gather_with_local_grad
+from xllm.common.dist import gather
 from xllm.datasets.loader import evaluation_loader
 from xllm.models.trainable import apply_trainable
 from xllm.processors.collator import CaptionTokens
@@ -247,13 +247,13 @@ def test_stage1_checkpoint_loads_into_stage2(stage1_cfg: dict, micro_model_cfg: 
 def _gather_worker(rank: int, init_file: str, results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     local = torch.full((2, 3), float(rank + 1), requires_grad=True)
-    gathered = gather_with_local_grad(local)
-    (gathered * torch.arange(4.0)[:, None]).sum().backward()
+    gathered = gather(local)
+    ((rank + 1) * gathered * torch.arange(4.0)[:, None]).sum().backward()  # each rank its own loss
     results[rank] = (gathered.detach().clone(), local.grad.clone())
     torch.distributed.destroy_process_group()
 
 
-def test_gather_keeps_rank_order_and_local_gradients(tmp_path: Path) -> None:
+def test_gather_keeps_rank_order_and_sums_every_ranks_gradient(tmp_path: Path) -> None:
     os.environ.pop("WORLD_SIZE", None)
     with mp.Manager() as manager:
         results = manager.dict()
@@ -264,5 +264,5 @@ def test_gather_keeps_rank_order_and_local_gradients(tmp_path: Path) -> None:
     for rank in (0, 1):
         gathered, grad = results[rank]
         assert torch.equal(gathered, expected)
-        # d/d local of sum(row_index * gathered): only this rank's rows (2r, 2r+1) reach its tensor.
-        assert torch.equal(grad, torch.tensor([[2.0 * rank] * 3, [2.0 * rank + 1] * 3]))
+        # Rank s's loss sends row i the gradient (s + 1) * i; this rank's rows (2r, 2r + 1) get the sum over s.
+        assert torch.equal(grad, torch.tensor([[3 * 2.0 * rank] * 3, [3 * (2.0 * rank + 1)] * 3]))

@@ -90,11 +90,31 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's ``tensor`` concatenated in rank order; only this process's part carries gradients."""
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss reads every rank's rows: this rank's rows get the sum of all those gradients.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` (of one shape on every rank) concatenated in rank order.
+
+    Differentiable across processes: the gradient of this rank's rows sums what every rank's loss sends them,
+    so a contrastive loss over gathered negatives, averaged over ranks as DDP and FSDP do, has the gradient of
+    one process holding the whole batch."""
     if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.detach().contiguous())
-    parts[rank()] = tensor
-    return torch.cat(parts)
+    if not tensor.requires_grad:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+    return _GatherWithGrad.apply(tensor)

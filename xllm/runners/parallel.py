@@ -130,14 +130,24 @@ class FSDPStrategy(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
+        # FSDP2 shards no 0-d parameter (the Q-Former's temperature): those stay whole on every rank, and their
+        # gradients are averaged here as DDP would.
+        self.scalars = {p for p in model.parameters() if p.dim() == 0}
         for unit in shard_units(model):
-            fully_shard(unit)
-        fully_shard(model)
+            fully_shard(unit, ignored_params=self.scalars)
+        fully_shard(model, ignored_params=self.scalars)
         return model
 
     def micro_step(self, wrapped: nn.Module, last: bool):
         wrapped.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
+
+    def step(self, window_weight: float) -> None:
+        for param in self.scalars:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad.div_(dist.world_size())
+        super().step(window_weight)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

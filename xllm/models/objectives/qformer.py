@@ -79,7 +79,7 @@ class QFormerPretraining(nn.Module):
         text_embed = F.normalize(interface.text_proj(interface.text_states(ids, text_mask)[:, 0]), dim=-1)  # [B, D]
         with torch.no_grad():
             interface.temp.clamp_(*TEMPERATURE_RANGE)
-        all_images, all_texts = dist.gather_with_local_grad(image_embeds), dist.gather_with_local_grad(text_embed)
+        all_images, all_texts = dist.gather(image_embeds), dist.gather(text_embed)
         sim_i2t = torch.einsum("iqd,td->iqt", image_embeds, all_texts).amax(dim=1) / interface.temp
         sim_t2i = torch.einsum("td,iqd->tqi", text_embed, all_images).amax(dim=1) / interface.temp
         targets = dist.rank() * size + torch.arange(size, device=ids.device)
@@ -89,8 +89,8 @@ class QFormerPretraining(nn.Module):
         # ITM, with hard negatives from the whole (gathered) batch; a caption identical to the true one is no
         # negative, whichever image it came with.
         with torch.no_grad():
-            all_ids, all_text_mask = dist.gather_with_local_grad(ids), dist.gather_with_local_grad(text_mask)
-            all_features, all_mask = dist.gather_with_local_grad(features), dist.gather_with_local_grad(mask)
+            all_ids, all_text_mask = dist.gather(ids), dist.gather(text_mask)
+            all_features, all_mask = dist.gather(features), dist.gather(mask)
             same_caption = (ids[:, None] == all_ids[None]).all(dim=-1)  # [B, B * world]
             negative_texts = sample_hard_negatives(sim_i2t, same_caption)
             negative_images = sample_hard_negatives(sim_t2i, same_caption)
@@ -106,8 +106,12 @@ class QFormerPretraining(nn.Module):
         # ITG
         logits = interface.generation_logits(features, mask, interface.decoder_input(ids), text_mask)
         labels = ids.masked_fill(text_mask == 0, IGNORE_INDEX)
-        itg = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                              label_smoothing=LABEL_SMOOTHING)
+        token_losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+        # The mean over the tokens of the global batch (every rank's), times the world size: the runner averages
+        # the ranks' losses, so several processes compute what one holding the whole batch would.
+        tokens = dist.all_reduce_sum(float((labels[:, 1:] != IGNORE_INDEX).sum()))
+        itg = token_losses * dist.world_size() / max(tokens, 1.0)
 
         loss = itc + itm + itg
         logs = {"loss": loss.item(), "itc": itc.item(), "itm": itm.item(), "itg": itg.item()}

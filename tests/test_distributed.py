@@ -1,0 +1,185 @@
+"""Several processes on CPU (gloo): DDP and FSDP2 give the 1-process gradients and loss curve with the same global
+batch, mixed batches keep every rank in step, resume is exact, and bad starts fail on every rank.
+
+Processes are forked from the test (``start_processes(..., "fork")``): the children need no fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file
+
+import xllm.models.objectives.qformer as qformer_objective
+from xllm.common import dist
+from xllm.config import load_config
+from xllm.datasets.build import build_split
+from xllm.datasets.loader import evaluation_loader, training_loader
+from xllm.models.builder import build_model
+from xllm.runners.parallel import full_tensor
+from xllm.runners.runner import Runner
+from xllm.tasks.registry import TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cfg(folder: Path, model: dict, datasets: dict, **run) -> Path:
+    config = {"model": model, "datasets": datasets,
+              "run": {"output_dir": str(folder / "run"), "log_interval": 1, "lr": 1e-3, "warmup_steps": 0,
+                      "seed": 3, "threads": 1, **run}}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def first_step_and_losses(cfg_path: str, results, rank: int | None = None, init: str | None = None) -> None:
+    """Trains the config; records the first optimizer step's gradients (whole) and rank 0's logged losses."""
+    if init is not None:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = load_config(cfg_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    task = TASKS.get(cfg.run.task)(cfg.run)
+    train = training_loader(build_split(cfg.datasets, "train")["world"], task.collator(model, training=True),
+                            cfg.run.batch_size, cfg.run.seed)
+    runner = Runner(cfg.run, model, task, train)
+    optimizer = runner.strategy.optimizer
+    real_step, grads = optimizer.step, {}
+
+    def recording_step(*args, **kwargs):
+        if not grads:
+            grads.update({n: full_tensor(p.grad).clone() for n, p in runner.model.named_parameters()
+                          if p.requires_grad and p.grad is not None})
+        return real_step(*args, **kwargs)
+
+    optimizer.step = recording_step
+    runner.train()
+    if dist.is_main():
+        log = Path(cfg.run.output_dir) / "log.jsonl"
+        results["grads"] = grads
+        results["losses"] = [row["loss"] for row in map(json.loads, log.read_text().splitlines())
+                             if row["split"] == "train"]
+    if init is not None:
+        torch.distributed.destroy_process_group()
+
+
+def in_two_processes(fn, *args, tmp_path: Path) -> dict:
+    os.environ.pop("WORLD_SIZE", None)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_rank_entry, args=(fn, args, results, str(tmp_path / "init")), nprocs=2,
+                           start_method="fork")
+        return dict(results)
+
+
+def _rank_entry(rank: int, fn, args, results, init: str) -> None:
+    fn(*args, results, rank=rank, init=init)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def stage1_model(micro_model_cfg, micro_text_tokenizer) -> dict:
+    from conftest import MICRO_QFORMER
+
+    model = json.loads(json.dumps(micro_model_cfg))
+    model["modalities"]["image"]["interface"] = {"name": "qformer_text", "tokenizer": str(micro_text_tokenizer),
+                                                 "embed_dim": 16, **MICRO_QFORMER}
+    model["trainable"] = ["interfaces.image"]
+    model["llm"] = {"backend": "none", "path": ""}
+    return model
+
+
+@pytest.fixture
+def argmax_negatives(monkeypatch):
+    """ITM's hard negatives drawn by argmax: a draw depends on each rank's RNG, an argmax only on the batch."""
+    monkeypatch.setattr(qformer_objective, "sample_hard_negatives",
+                        lambda similarity, positives: similarity.masked_fill(positives, float("-inf")).argmax(1))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stage", ["stage2", "stage1"])
+def test_two_processes_give_the_one_process_gradients_and_losses(stage, strategy, tmp_path, micro_model_cfg,
+                                                                 stage1_model, micro_world, argmax_negatives):
+    model, task = (micro_model_cfg, "llm") if stage == "stage2" else (stage1_model, "qformer_pretrain")
+    datasets = {"world": {"builder": "coco_caption", **micro_world}}
+    one = {}
+    first_step_and_losses(str(write_cfg(tmp_path / "one", model, datasets, task=task, batch_size=4,
+                                        max_steps=4)), one)
+    two = in_two_processes(first_step_and_losses, str(write_cfg(
+        tmp_path / "two", model, datasets, task=task, batch_size=2, max_steps=4, distributed=strategy)),
+        tmp_path=tmp_path)
+    assert set(two["grads"]) == set(one["grads"]) and one["grads"]
+    flat_one = torch.cat([g.flatten() for _, g in sorted(one["grads"].items())])
+    flat_two = torch.cat([g.flatten() for _, g in sorted(two["grads"].items())])
+    assert relative(flat_two, flat_one) <= 1e-5
+    assert len(two["losses"]) == len(one["losses"]) == 4
+    for mine, reference in zip(two["losses"], one["losses"]):
+        assert abs(mine - reference) <= 1e-4 * abs(reference), (two["losses"], one["losses"])
+
+
+SIGNAL = {"encoder": {"name": "signal", "channels": 4},
+          "interface": {"name": "sequence", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                        "num_query_tokens": 3, "max_steps": 32}}
+
+
+def mixed_step(cfg_path: str, results, rank: int | None = None, init: str | None = None) -> None:
+    """One step where rank 0's batch holds images only and rank 1's signals only (one process: both)."""
+    if init is not None:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = load_config(cfg_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    task = TASKS.get("llm")(cfg.run)
+    sets = build_split(cfg.datasets, "train")
+    images, signals = [sets["caption"][i] for i in range(2)], [sets["status"][i] for i in range(2)]
+    samples = images + signals if rank is None else (images if rank == 0 else signals)
+    loader = torch.utils.data.DataLoader(samples, batch_size=len(samples), collate_fn=task.collator(model, True))
+    runner = Runner(cfg.run, model, task, loader)
+    real_step, grads = runner.strategy.optimizer.step, {}
+
+    def recording_step(*args, **kwargs):
+        grads.update({n: full_tensor(p.grad).clone() for n, p in runner.model.named_parameters()
+                      if p.requires_grad and p.grad is not None})
+        return real_step(*args, **kwargs)
+
+    runner.strategy.optimizer.step = recording_step
+    runner.train()
+    if dist.is_main():
+        results["grads"] = grads
+    if init is not None:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_step_with_images_on_one_rank_and_signals_on_the_other(strategy, tmp_path, micro_model_cfg, micro_world):
+    model = dict(micro_model_cfg, model_type="tiny_signal",
+                 modalities={"image": micro_model_cfg["modalities"]["image"], "signal": SIGNAL},
+                 trainable=["interfaces", "adapters"])
+    datasets = {"caption": {"builder": "coco_caption", **micro_world},
+                "status": {"builder": "signal_text", "storage": str(tmp_path / "signals"),
+                           "world": {"seed": 0, "num_train": 4, "num_val": 2, "num_test": 2, "steps": 16}}}
+    one = {}
+    mixed_step(str(write_cfg(tmp_path / "one", model, datasets, max_steps=1)), one)
+    # Without the dummy pass (XLLM.encode), DDP stops on parameters that got no gradient on one rank, and FSDP
+    # waits for ever in an all-gather that the other rank never starts.
+    two = in_two_processes(mixed_step, str(write_cfg(tmp_path / "two", model, datasets, max_steps=1,
+                                                     distributed=strategy)), tmp_path=tmp_path)
+    assert set(two["grads"]) == set(one["grads"])
+    for name, grad in one["grads"].items():
+        assert relative(two["grads"][name], grad) <= 1e-5, name
