@@ -12,7 +12,7 @@ from xllm import zoo
 from xllm.common import dist
 from xllm.common.config import save_config
 from xllm.common.logging import setup_logging
-from xllm.config import load_config
+from xllm.config import load_config, per_process_batch_size
 from xllm.datasets.build import build_split
 from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.datasets.mixture import concat, training_set
@@ -30,18 +30,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def set_batch_size(run) -> None:
-    """``run.batch_size`` from ``run.global_batch_size`` when given: an error, on every rank, if the processes
-    and accumulation steps do not divide it."""
-    if run.global_batch_size is None:
-        return
-    per_step = dist.world_size() * run.grad_accum_steps
-    if run.global_batch_size % per_step:
-        raise ValueError(f"run.global_batch_size={run.global_batch_size} does not divide by {dist.world_size()} "
-                         f"processes x run.grad_accum_steps={run.grad_accum_steps}")
-    run.batch_size = run.global_batch_size // per_step
-
-
 def main() -> None:
     args = parse_args()
     setup_logging()
@@ -51,7 +39,7 @@ def main() -> None:
         run.resume = args.resume
     dist.init_distributed()
     dist.check_same_everywhere(OmegaConf.to_yaml(cfg), "config")
-    set_batch_size(run)
+    run.batch_size = per_process_batch_size(run, dist.world_size())
     if run.threads:
         torch.set_num_threads(run.threads)
     random.seed(run.seed + dist.rank())

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 import logging
 
@@ -7,10 +8,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from xllm.common import dist
 from xllm.common.config import ConfigError
 from xllm.datasets.config import resolve_datasets
 from xllm.datasets.registry import BUILDERS
 from xllm.datasets.build import build_split
+from xllm.datasets.loader import training_loader
 from xllm.processors.collator import Collator
 from xllm.processors.image import ImageProcessor
 
@@ -84,3 +87,32 @@ def test_an_unknown_on_bad_sample_is_refused_when_the_config_loads(name):
     assert "on_bad_sample" in {f.name for f in dataclasses.fields(BUILDERS.get(name).Config)}
     with pytest.raises(ConfigError, match="datasets.d.on_bad_sample' must be one of 'error', 'skip', got 'skipp'"):
         resolve_datasets(OmegaConf.create({"d": {"builder": name, "on_bad_sample": "skipp"}}))
+
+
+def stream_ids(dataset, batch_size: int, workers: int, start: int = 0, batches: int = 7) -> list[list[str]]:
+    dataset.set_position(0, start)
+    loader = training_loader(dataset, lambda samples: [s["id"] for s in samples], batch_size, seed=0,
+                             num_workers=workers)
+    return list(itertools.islice(iter(loader), batches))
+
+
+def test_a_training_stream_is_dealt_by_rank_shuffled_and_resumable(micro_world, monkeypatch):
+    cfg = resolve_datasets(OmegaConf.create({"s": {"builder": "webdataset_caption", **micro_world,
+                                                   "shuffle_buffer": 6}}))
+
+    def stream(rank: int = 0, world: int = 1):
+        monkeypatch.setattr(dist, "rank", lambda: rank)
+        monkeypatch.setattr(dist, "world_size", lambda: world)
+        return build_split(cfg, "train")["s"]
+
+    alone = stream_ids(stream(), 4, workers=0)
+    # Endless: 7 batches of 4 run past the 24 samples into a second epoch, in a new order.
+    first_epoch = [i for batch in alone for i in batch][:24]
+    assert len(set(first_epoch)) == 24 and [i for batch in alone for i in batch][24:] != first_epoch[:4]
+    assert first_epoch != sorted(first_epoch)  # shuffled
+    assert stream_ids(stream(), 4, workers=2) == alone  # the same order whatever the number of workers
+    assert stream_ids(stream(), 4, workers=0, start=12, batches=4) == alone[3:]  # resumed after 3 batches
+    ranks = [stream_ids(stream(rank, 2), 2, workers=0, batches=3) for rank in (0, 1)]
+    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}  # shards dealt, no overlap
+    with pytest.raises(ValueError, match="3 shards cannot be dealt to 4 processes"):
+        stream_ids(stream(0, 4), 2, workers=0)

@@ -18,11 +18,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from safetensors.torch import load_file
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 import xllm.models.objectives.qformer as qformer_objective
 from xllm.common import dist
-from xllm.config import load_config
+from xllm.common.config import ConfigError
+from xllm.config import load_config, per_process_batch_size
 from xllm.datasets.build import build_split
 from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.models.builder import build_model
@@ -55,6 +57,8 @@ def first_step_and_losses(cfg_path: str, results, rank: int | None = None, init:
     train = training_loader(build_split(cfg.datasets, "train")["world"], task.collator(model, training=True),
                             cfg.run.batch_size, cfg.run.seed)
     runner = Runner(cfg.run, model, task, train)
+    if cfg.run.resume:
+        runner.resume(cfg.run.resume)
     optimizer = runner.strategy.optimizer
     real_step, grads = optimizer.step, {}
 
@@ -79,12 +83,13 @@ def in_two_processes(fn, *args, tmp_path: Path) -> dict:
     os.environ.pop("WORLD_SIZE", None)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_rank_entry, args=(fn, args, results, str(tmp_path / "init")), nprocs=2,
+        mp.start_processes(_rank_entry, args=(fn, args, results, str(tmp_path / f"init{time.time_ns()}")), nprocs=2,
                            start_method="fork")
         return dict(results)
 
 
 def _rank_entry(rank: int, fn, args, results, init: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")  # what torchrun sets; DeepSpeed reads it
     fn(*args, results, rank=rank, init=init)
 
 
@@ -183,3 +188,129 @@ def test_a_step_with_images_on_one_rank_and_signals_on_the_other(strategy, tmp_p
     assert set(two["grads"]) == set(one["grads"])
     for name, grad in one["grads"].items():
         assert relative(two["grads"][name], grad) <= 1e-5, name
+
+
+def torchrun(cfg: Path, nproc: int, *args: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(REPO / "train.py"), "--cfg-path", str(cfg), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path) -> None:
+    deadline = time.time() + 300
+    while not any(checkpoints.glob("step_*[0-9]")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed: make it longer"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+    return {row["step"]: row["loss"] for row in rows if row["split"] == "train"}
+
+
+@pytest.mark.parametrize("builder, strategy", [("coco_caption", "fsdp"), ("webdataset_caption", "ddp")])
+def test_a_killed_two_process_run_resumes_to_the_unbroken_weights(builder, strategy, tmp_path, micro_model_cfg,
+                                                                   micro_world):
+    datasets = {"world": {"builder": builder, **micro_world, "shuffle_buffer": 8} if builder != "coco_caption"
+                else {"builder": builder, **micro_world}}
+    run = {"batch_size": 2, "max_steps": 60, "max_epochs": 100, "save_interval": 5, "keep_last": 20, "distributed": strategy,
+           "val_interval": 1000}
+    unbroken_cfg = write_cfg(tmp_path / "unbroken", micro_model_cfg, datasets, **run)
+    finish(torchrun(unbroken_cfg, 2))
+    broken_cfg = write_cfg(tmp_path / "broken", micro_model_cfg, datasets, **run)
+    kill_after_first_checkpoint(torchrun(broken_cfg, 2), tmp_path / "broken" / "run" / "checkpoints")
+    finish(torchrun(broken_cfg, 2, "--resume"))
+    final = "checkpoints/step_60/model.safetensors"
+    unbroken = load_file(str(tmp_path / "unbroken" / "run" / final))
+    resumed = load_file(str(tmp_path / "broken" / "run" / final))
+    assert unbroken.keys() == resumed.keys()
+    for name, tensor in unbroken.items():
+        assert torch.equal(resumed[name], tensor), name
+    if strategy == "fsdp":
+        # The sharded checkpoint resumes in one process holding the same global batch.
+        one_cfg = write_cfg(tmp_path / "one", micro_model_cfg, datasets, **{**run, "batch_size": 4, "max_steps": 8})
+        finish(subprocess.Popen([sys.executable, str(REPO / "train.py"), "--cfg-path", str(one_cfg), "--resume",
+                                 str(tmp_path / "unbroken" / "run" / "checkpoints" / "step_5")], cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True))
+        two, one = losses(tmp_path / "unbroken" / "run"), losses(tmp_path / "one" / "run")
+        assert sorted(one) == [6, 7, 8]
+        # The step after the resume matches to 1e-4; later ones drift as AdamW amplifies rounding differences.
+        for step, tolerance in ((6, 1e-4), (7, 1e-3), (8, 1e-3)):
+            assert abs(one[step] - two[step]) <= tolerance * two[step], (step, one[step], two[step])
+
+
+def test_a_global_batch_is_shared_out_or_refused():
+    run = OmegaConf.create({"batch_size": 8, "global_batch_size": 12, "grad_accum_steps": 2})
+    assert per_process_batch_size(run, 3) == 2 and per_process_batch_size(run, 1) == 6
+    with pytest.raises(ConfigError, match=r"run.global_batch_size=12 does not divide by 4 processes x "
+                                          r"run.grad_accum_steps=2"):
+        per_process_batch_size(run, 4)
+    assert per_process_batch_size(OmegaConf.create({"batch_size": 8, "global_batch_size": None}), 4) == 8
+
+
+def bad_start(case: str, folder: str, results, rank: int | None = None, init: str | None = None) -> None:
+    """Records the error each rank raises; a rank left waiting would hang the test."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        if case == "config":
+            dist.check_same_everywhere(f"run: {{lr: {rank}}}", "config")
+        else:
+            cfg = load_config(Path(folder) / "cfg.yaml")
+            torch.manual_seed(0)
+            model = build_model(cfg.model)
+            task = TASKS.get("llm")(cfg.run)
+            train = training_loader(build_split(cfg.datasets, "train")["world"], task.collator(model, True), 2, 0)
+            Runner(cfg.run, model, task, train).resume(Path(folder) / "foreign")
+        results[rank] = "no error"
+    except Exception as error:  # what each rank reports is the point
+        results[rank] = f"{type(error).__name__}: {error}"
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["config", "checkpoint"])
+def test_bad_starts_fail_on_every_rank_without_a_hang(case, tmp_path, micro_model_cfg, micro_world):
+    write_cfg(tmp_path, micro_model_cfg, {"world": {"builder": "coco_caption", **micro_world}}, batch_size=2)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"interfaces.image.not_a_parameter": torch.zeros(3)}, str(foreign / "model.safetensors"))
+    torch.save({"scheduler": {}, "step": 1, "epoch": 0, "samples_done": 0, "world_size": 2},
+               foreign / "trainer_state.pt")
+    results = in_two_processes(bad_start, case, str(tmp_path), tmp_path=tmp_path)
+    expected = "ranks [1] were started with a different config" if case == "config" else \
+        "unexpected key interfaces.image.not_a_parameter"
+    assert all(expected in results[rank] for rank in (0, 1)), results
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_gives_the_one_process_losses(stage, tmp_path, micro_model_cfg, micro_world,
+                                                     argmax_negatives):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'xllm[deepspeed]'")
+    datasets = {"world": {"builder": "coco_caption", **micro_world}}
+    one = {}
+    first_step_and_losses(str(write_cfg(tmp_path / "one", micro_model_cfg, datasets, batch_size=4, max_steps=4)),
+                          one)
+    run = {"batch_size": 2, "max_steps": 4, "save_interval": 2, "distributed": "deepspeed",
+           "deepspeed": {"zero_optimization": {"stage": stage}}}
+    two = in_two_processes(first_step_and_losses, str(write_cfg(tmp_path / "two", micro_model_cfg, datasets, **run)),
+                           tmp_path=tmp_path)
+    assert len(two["losses"]) == 4
+    for mine, reference in zip(two["losses"], one["losses"]):
+        assert abs(mine - reference) <= 1e-4 * abs(reference), (two["losses"], one["losses"])
+    checkpoints = tmp_path / "two" / "run" / "checkpoints"
+    weights = load_file(str(checkpoints / "step_4" / "model.safetensors"))
+    assert set(weights) == set(one["grads"])  # the trainable parameters, gathered whole
+    resumed = in_two_processes(first_step_and_losses, str(write_cfg(
+        tmp_path / "resumed", micro_model_cfg, datasets, **run, resume=str(checkpoints / "step_2"))),
+        tmp_path=tmp_path)
+    assert resumed["losses"] == pytest.approx(two["losses"][2:], rel=1e-6)

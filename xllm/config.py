@@ -86,3 +86,15 @@ def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictC
         return cfg
     except ConfigError as error:
         raise ConfigError(f"{cfg_path}: {error}") from None
+
+
+def per_process_batch_size(run: DictConfig, world_size: int) -> int:
+    """``run.batch_size``, or ``run.global_batch_size`` shared out over the processes and accumulation steps:
+    an error when they do not divide it."""
+    if run.global_batch_size is None:
+        return run.batch_size
+    per_step = world_size * run.grad_accum_steps
+    if run.global_batch_size % per_step:
+        raise ConfigError(f"run.global_batch_size={run.global_batch_size} does not divide by {world_size} processes "
+                          f"x run.grad_accum_steps={run.grad_accum_steps}")
+    return run.global_batch_size // per_step
