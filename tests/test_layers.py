@@ -24,6 +24,7 @@ ALLOWED = {
     "tasks": {"common", "processors", "models", "eval"},
     "runners": {"common"},
     "config": {"common", "models", "datasets", "eval", "tasks"},
+    "plan": {"common", "models", "config"},
 }
 
 

@@ -32,6 +32,27 @@ def build_model(cfg: DictConfig) -> XLLM:
     manifest names train, the others are frozen."""
     # Stage 1 trains an interface on its own objective: ``backend: none`` spares loading an LLM it never reads.
     llm = None if cfg.llm.backend == NO_LLM else LLMS.get(cfg.llm.backend).from_config(cfg.llm)
+    model = assemble(cfg, llm)
+    model.config = cfg
+    model.requires_grad_(False)
+    if cfg.pretrained:
+        eps = cfg.modalities.image.encoder.get("ln_vision_eps") if "image" in cfg.modalities else None
+        load_pretrained(model, list(cfg.pretrained), ln_vision_eps=eps)
+    for path in as_list(cfg.checkpoint) if cfg.checkpoint else []:  # in order: later checkpoints win
+        loaded = load_weights(model, path, optional=is_text_branch_key)  # stage 1's text branch: stage 2 has none
+        log.info("loaded %d tensors from %s", len(loaded), path)
+    apply_trainable(model, list(cfg.trainable))
+    if cfg.activation_checkpointing:
+        log.info("activation checkpointing in %s", ", ".join(
+            enable_activation_checkpointing(model, list(cfg.activation_checkpointing))))
+    if cfg.frozen_dtype is not None:
+        log.info("%d frozen parameters stored in %s", store_frozen_in(model, torch_dtype(cfg.frozen_dtype)),
+                 cfg.frozen_dtype)
+    return model.eval()
+
+
+def assemble(cfg: DictConfig, llm: nn.Module | None) -> XLLM:
+    """The composite of ``cfg``'s modalities around ``llm`` (anything with a ``hidden_size``), freshly built."""
     modalities = {}
     # A modality that ``shares`` another's modules is built after it and listed after it, so shared parameters
     # keep their owner's names (``interfaces.image.qformer.*``) in manifests and checkpoints.
@@ -49,23 +70,7 @@ def build_model(cfg: DictConfig) -> XLLM:
         adapter = nn.Identity() if llm is None else ADAPTERS.get(parts.adapter.name).build(
             parts.adapter, input_dim=interface.output_dim, output_dim=llm.hidden_size)
         modalities[name] = Modality(encoder, interface, adapter)
-    model = XLLM(llm, modalities)
-    model.config = cfg
-    model.requires_grad_(False)
-    if cfg.pretrained:
-        eps = cfg.modalities.image.encoder.get("ln_vision_eps") if "image" in cfg.modalities else None
-        load_pretrained(model, list(cfg.pretrained), ln_vision_eps=eps)
-    for path in as_list(cfg.checkpoint) if cfg.checkpoint else []:  # in order: later checkpoints win
-        loaded = load_weights(model, path, optional=is_text_branch_key)  # stage 1's text branch: stage 2 has none
-        log.info("loaded %d tensors from %s", len(loaded), path)
-    apply_trainable(model, list(cfg.trainable))
-    if cfg.activation_checkpointing:
-        log.info("activation checkpointing in %s", ", ".join(
-            enable_activation_checkpointing(model, list(cfg.activation_checkpointing))))
-    if cfg.frozen_dtype is not None:
-        log.info("%d frozen parameters stored in %s", store_frozen_in(model, torch_dtype(cfg.frozen_dtype)),
-                 cfg.frozen_dtype)
-    return model.eval()
+    return XLLM(llm, modalities)
 
 
 def build_processors(cfg: DictConfig) -> dict:
