@@ -211,6 +211,7 @@ def kill_after_first_checkpoint(process: subprocess.Popen, checkpoints: Path) ->
     assert process.poll() is None, "the run ended before it could be killed: make it longer"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    process.stdout.close()
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,8 +93,9 @@ class Strategy:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save({"optimizer": get_optimizer_state_dict(model, self.optimizer)},
-                 checkpoint_id=str(folder / OPTIMIZER_DIR), no_dist=dist.world_size() == 1)
+        with one_process_is_intended():
+            dcp.save({"optimizer": get_optimizer_state_dict(model, self.optimizer)},
+                     checkpoint_id=str(folder / OPTIMIZER_DIR), no_dist=dist.world_size() == 1)
 
     def load(self, model: nn.Module, folder: Path) -> None:
         """The trainable weights (each rank keeps its shard of them) and the optimizer state."""
@@ -112,7 +114,8 @@ class Strategy:
         if not (folder / OPTIMIZER_DIR).is_dir():
             raise FileNotFoundError(f"checkpoint {folder} has no {OPTIMIZER_DIR}/ (the optimizer state to resume)")
         state = {"optimizer": get_optimizer_state_dict(model, self.optimizer)}
-        dcp.load(state, checkpoint_id=str(folder / OPTIMIZER_DIR), no_dist=dist.world_size() == 1)
+        with one_process_is_intended():
+            dcp.load(state, checkpoint_id=str(folder / OPTIMIZER_DIR), no_dist=dist.world_size() == 1)
         set_optimizer_state_dict(model, self.optimizer, state["optimizer"])
 
 
@@ -240,6 +243,14 @@ def deepspeed_config(run: DictConfig) -> dict:
                              "run.batch_size); remove it from the DeepSpeed config")
     config.setdefault("zero_optimization", {"stage": 2})
     return config
+
+
+@contextlib.contextmanager
+def one_process_is_intended():
+    """torch.distributed.checkpoint warns that it assumes a single process: here it was meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -106,12 +106,13 @@ class QFormerPretraining(nn.Module):
         # ITG
         logits = interface.generation_logits(features, mask, interface.decoder_input(ids), text_mask)
         labels = ids.masked_fill(text_mask == 0, IGNORE_INDEX)
-        token_losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                       ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING, reduction="sum")
-        # The mean over the tokens of the global batch (every rank's), times the world size: the runner averages
-        # the ranks' losses, so several processes compute what one holding the whole batch would.
-        tokens = dist.all_reduce_sum(float((labels[:, 1:] != IGNORE_INDEX).sum()))
-        itg = token_losses * dist.world_size() / max(tokens, 1.0)
+        itg = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                              label_smoothing=LABEL_SMOOTHING)
+        # Rescaled to the mean over the global batch's tokens (every rank's), times the world size: the runner
+        # averages the ranks' losses, so several processes compute what one holding the whole batch would (the
+        # factor is exactly 1 in one process).
+        tokens = float((labels[:, 1:] != IGNORE_INDEX).sum())
+        itg = itg * (tokens * dist.world_size() / max(dist.all_reduce_sum(tokens), 1.0))
 
         loss = itc + itm + itg
         logs = {"loss": loss.item(), "itc": itc.item(), "itm": itm.item(), "itg": itg.item()}
