@@ -53,13 +53,9 @@ def utterances(spec: WorldSpeechSpec) -> list[tuple[str, str, str]]:
     return [(utt_id, caption(scene, lang), lang) for utt_id, scene, lang in spoken_scenes(spec)]
 
 
-def corpus_dir(spec: WorldSpeechSpec) -> Path:
-    return cache_dir() / "world" / f"speech-{spec_digest(spec)}"
-
-
 def ensure_corpus(spec: WorldSpeechSpec, root: Path | None = None, workers: int = 2) -> Path:
     """The corpus folder (``<cache>/world/speech-<digest>`` unless ``root``), synthesised on first use."""
-    root = Path(root) if root is not None else corpus_dir(spec)
+    root = Path(root) if root is not None else cache_dir() / "world" / f"speech-{spec_digest(spec)}"
     marker = root / "corpus.json"
     if is_current(marker, spec):
         return root
