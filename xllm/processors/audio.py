@@ -43,10 +43,8 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} does not exist")
-    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
-        channels, sample_rate = _read_soundfile(path)
-    else:
-        channels, sample_rate = _read_av(path)
+    read = _read_soundfile if path.suffix.lower() in SOUNDFILE_SUFFIXES else _read_av
+    channels, sample_rate = read(path)
     return resample(channels.mean(axis=0, dtype=np.float32), sample_rate, target_sr)
 
 
@@ -141,10 +139,8 @@ def log_mel(
         if audio.size > target:
             raise ValueError(f"audio of {audio.size / sample_rate:.2f} s does not fit pad_to_seconds={pad_to_seconds}")
         audio = np.pad(audio, (0, target - audio.size))
-    if audio.size < WHISPER_N_FFT:
-        audio = np.pad(audio, (0, WHISPER_N_FFT - audio.size))
     spec = spectrogram(
-        audio,
+        np.pad(audio, (0, max(WHISPER_N_FFT - audio.size, 0))),  # at least one window
         window_function(WHISPER_N_FFT, "hann"),
         frame_length=WHISPER_N_FFT,
         hop_length=WHISPER_HOP,
@@ -170,10 +166,8 @@ def fbank(audio: np.ndarray, num_mel_bins: int = 80, sample_rate: int = SAMPLE_R
     """
     audio = _checked_waveform(audio)
     frame_length = sample_rate * 25 // 1000
-    if audio.size < frame_length:
-        audio = np.pad(audio, (0, frame_length - audio.size))
     spec = spectrogram(
-        audio * 32768.0,
+        np.pad(audio, (0, max(frame_length - audio.size, 0))) * 32768.0,
         window_function(frame_length, "povey", periodic=False),
         frame_length=frame_length,
         hop_length=sample_rate // 100,
@@ -265,9 +259,8 @@ class AudioProcessor(AudioConfig):
             if key not in self.silent_utterances:
                 self.silent_utterances.add(key)
                 logger.warning("%s: audio is all silence", name)
-        if self.feature == "log_mel":
-            return log_mel(audio, self.n_mels, self.sample_rate)
-        return fbank(audio, self.n_mels, self.sample_rate)
+        features = log_mel if self.feature == "log_mel" else fbank
+        return features(audio, self.n_mels, self.sample_rate)
 
     def _limit_length(self, audio: np.ndarray, name: str) -> np.ndarray:
         if self.max_seconds is None:

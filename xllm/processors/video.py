@@ -93,10 +93,7 @@ def _decode_pyav(path: Path) -> tuple[list, list[float]]:
 
 def _read_pyav(path: Path, count: int, sampling: str, fps: float | None) -> list[Image.Image]:
     frames, times = _decode_pyav(path)
-    if sampling == "fps":
-        indices = fps_indices(times, fps, count)
-    else:
-        indices = uniform_indices(len(frames), count)
+    indices = fps_indices(times, fps, count) if sampling == "fps" else uniform_indices(len(frames), count)
     return [frames[i].to_image() for i in indices]
 
 
@@ -115,12 +112,11 @@ def _read_decord(path: Path, count: int, sampling: str, fps: float | None) -> li
         if "cannot find video stream" in str(error):
             reason = "no video stream"
         raise VideoError(f"cannot open video file {path} with decord: {reason}") from None
-    total = len(reader)
     if sampling == "uniform":
-        indices = uniform_indices(total, count)
+        indices = uniform_indices(len(reader), count)
     else:
         rate = reader.get_avg_fps()
-        indices = fps_indices([i / rate for i in range(total)], fps, count)
+        indices = fps_indices([i / rate for i in range(len(reader))], fps, count)
     return [Image.fromarray(array) for array in reader.get_batch(indices).asnumpy()]
 
 

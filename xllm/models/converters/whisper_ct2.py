@@ -195,10 +195,8 @@ def _check_settings(get: _Variables) -> None:
             raise ValueError(f"{get.source}: {name} = {get.scalar(name)}, transformers' Whisper needs {value}")
     # Head counts and scale_embeddings go to the config (whisper_config). The alignment heads come from config.json
     # as a list; these two scalars only say how CTranslate2 averages them.
-    for name in ("encoder/num_heads", "decoder/num_heads", "decoder/scale_embeddings", "decoder/alignment_heads",
-                 "decoder/alignment_layer"):
-        if name in get.variables:
-            get(name)
+    get.used.update({"encoder/num_heads", "decoder/num_heads", "decoder/scale_embeddings", "decoder/alignment_heads",
+                     "decoder/alignment_layer"} & set(get.variables))
 
 
 def whisper_config(model: Ct2Model, special: Mapping[str, int], source: str = "model.bin") -> WhisperConfig:
