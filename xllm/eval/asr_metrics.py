@@ -85,10 +85,7 @@ def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> ErrorCounts:
 def _corpus_counts(refs: Sequence[str], hyps: Sequence[str | None], split) -> ErrorCounts:
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses: every utterance needs one of each")
-    counts = ErrorCounts()
-    for ref, hyp in zip(refs, hyps):
-        counts = counts + edit_distance(split(ref), split(hyp or ""))
-    return counts
+    return sum((edit_distance(split(ref), split(hyp or "")) for ref, hyp in zip(refs, hyps)), ErrorCounts())
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str | None]) -> tuple[float, ErrorCounts]:

@@ -71,10 +71,9 @@ def attribute_accuracy(references: list[str], hypotheses: list[str], lang: str =
     for ref, hyp in zip(references, hypotheses):
         ref_shapes, hyp_shapes = parse_caption(ref, lang), parse_caption(hyp or "", lang)
         total += len(ref_shapes)
-        for i, shape in enumerate(ref_shapes):
-            if i < len(hyp_shapes):
-                for attribute in ATTRIBUTES:
-                    correct[attribute] += getattr(shape, attribute) == getattr(hyp_shapes[i], attribute)
+        for shape, named in zip(ref_shapes, hyp_shapes):
+            for attribute in ATTRIBUTES:
+                correct[attribute] += getattr(shape, attribute) == getattr(named, attribute)
     if total == 0:
         return {}
     return {attribute: correct[attribute] / total for attribute in ATTRIBUTES}

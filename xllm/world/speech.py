@@ -141,6 +141,5 @@ def _write_split(out_dir: Path, split: str, entries: list[dict]) -> None:
     (split_dir / "wav.scp").write_text("".join(f"{e['id']} ../{e['audio']}\n" for e in entries), encoding="utf-8")
     (split_dir / "text").write_text("".join(f"{e['id']} {e['text']}\n" for e in entries), encoding="utf-8")
     (split_dir / "utt2spk").write_text("".join(f"{e['id']} {e['speaker']}\n" for e in entries), encoding="utf-8")
-    with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    (out_dir / f"{split}.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries),
+                                            encoding="utf-8")

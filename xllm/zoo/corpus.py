@@ -103,12 +103,7 @@ def copy_drill(rng: random.Random) -> list[tuple[str, str]]:
 def world_documents(rng: random.Random) -> list[tuple[str, str]]:
     """One document of the tiny LLM's pre-training corpus."""
     kind = rng.random()
-    if kind < 0.5:
-        return copy_drill(rng)
-    if kind < 0.75:
-        return conversations(rng)
-    if kind < 0.85:
-        return motion_document(rng)
-    if kind < 0.92:
-        return device_document(rng)
+    for below, document in ((0.5, copy_drill), (0.75, conversations), (0.85, motion_document), (0.92, device_document)):
+        if kind < below:
+            return document(rng)
     return dialogue_document(rng)

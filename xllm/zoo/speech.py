@@ -57,11 +57,8 @@ def _features(recipe: TinySpeechEncoderRecipe, split: str) -> tuple[list[torch.T
 
 def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, alphabet: list[str]) -> list[str]:
     """Best path: most likely label per frame, repeats merged, blanks (index 0) removed."""
-    texts = []
-    for row, length in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
-        labels = [label for i, label in enumerate(row[:length]) if label and (i == 0 or label != row[i - 1])]
-        texts.append("".join(alphabet[label - 1] for label in labels))
-    return texts
+    return ["".join(alphabet[label - 1] for label in torch.unique_consecutive(row[:length]).tolist() if label)
+            for row, length in zip(log_probs.argmax(-1), lengths.tolist())]
 
 
 def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpeechEncoderRecipe()) -> None:

@@ -125,15 +125,9 @@ def _join(
     no_text = sorted(set(wavs) - set(texts))
     no_audio = sorted(set(texts) - set(wavs))
     if (no_text or no_audio) and not skip_missing:
-        problems = []
-        if no_text:
-            problems.append(
-                f"{len(no_text)} utterance(s) in {wav_source} have no transcript in {text_source}: {_few(no_text)}"
-            )
-        if no_audio:
-            problems.append(
-                f"{len(no_audio)} utterance(s) in {text_source} have no audio in {wav_source}: {_few(no_audio)}"
-            )
+        problems = [f"{len(utts)} utterance(s) in {listed} have no {lacking} in {other}: {_few(utts)}"
+                    for utts, listed, lacking, other in ((no_text, wav_source, "transcript", text_source),
+                                                         (no_audio, text_source, "audio", wav_source)) if utts]
         raise ValueError("; ".join(problems) + " (skip_missing=True drops them)")
     if no_text or no_audio:
         logger.warning(
