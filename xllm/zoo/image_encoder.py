@@ -44,8 +44,7 @@ class GridProbe(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        cells = len(POSITIONS)
-        self.pool = nn.Linear(width, cells)
+        self.pool = nn.Linear(width, len(POSITIONS))  # one query per grid cell
         self.colour = nn.Linear(width, len(COLOURS) + 1)
         self.kind = nn.Linear(width, len(KINDS) + 1)
         self.size = nn.Linear(width, len(SIZES) + 1)

@@ -100,8 +100,7 @@ class WorldSpeechBuilder:
         """The split's utterances (``max_samples`` at most), the corpus synthesised first if need be."""
         root = ensure_corpus(self.spec, resolve_path(self.cfg.storage) if self.cfg.storage else None)
         manifest, prefix = manifest_for(root, split)
-        records = [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)]
-        return records[: self.cfg.max_samples]
+        return [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)][: self.cfg.max_samples]
 
     def build(self, split: str) -> SpeechInstructionDataset:
         cfg = self.cfg

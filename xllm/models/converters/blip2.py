@@ -210,13 +210,13 @@ def _wants_text_branch(text_branch: bool | None, target_keys: Iterable[str] | No
     return any(k.startswith(_TEXT_KEY_MARKERS) or _TEXT_FFN.match(k) for k in target_keys)
 
 
-def _merge_qkv_bias(conv: _Conversion, q_pattern: str, v_key: str, dst: str) -> None:
+def _merge_qkv_bias(conv: _Conversion, q_pattern: str, dst: str) -> None:
     """Build ``qkv.bias`` = [q_bias, zeros, v_bias]: EVA has no k bias (softmax cancels one anyway)."""
     for key in sorted(conv.sd):
         match = re.fullmatch(q_pattern, key)
         if match is None:
             continue
-        partner = match.expand(v_key)
+        partner = key.removesuffix("q_bias") + "v_bias"
         if partner not in conv.sd:
             raise ValueError(f"{conv.source}: {key} has no partner {partner}")
         q_bias, v_bias = conv.sd[key], conv.sd[partner]
@@ -297,7 +297,7 @@ def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, text_branch: bool
     keep_text = _wants_text_branch(text_branch, target_keys)
     conv = _Conversion(str(path), sd)
     conv.report.ln_vision_eps = LAVIS_LN_VISION_EPS
-    _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias", r"visual_encoder.blocks.\1.attn.v_bias",
+    _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias",
                     IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
     _tie_lm_head(conv, keep_text)
     _check_speech_adaptors(conv)
@@ -395,7 +395,6 @@ def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_si
     if llm_keys:
         conv.report.notes.append(f"{len(llm_keys)} language_model.* tensors not read: the LLM is loaded separately")
     _merge_qkv_bias(conv, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_bias",
-                    r"vision_model.encoder.layers.\1.self_attn.v_bias",
                     IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
     conv.apply_rules(_HF_RULES, _HF_DROPS, text_branch=_wants_text_branch(text_branch, target_keys), allow_xllm=False)
     return _finish(conv, target_keys, image_size)
