@@ -94,23 +94,18 @@ _XLLM_DROPS: list[tuple[str, str]] = [
 _TEXT_DROP_REASON = "stage-1 text branch (text embeddings, text FFN, LM/ITC/ITM heads): the target has none"
 
 _HF_RULES: list[tuple[str, str, str]] = [
-    (r"vision_model\.(embeddings\.(class_embedding|position_embedding|patch_embedding\.(weight|bias)))",
+    (rf"vision_model\.(embeddings\.(class_embedding|position_embedding|patch_embedding\.{_WB})"
+     rf"|encoder\.layers\.\d+\.(layer_norm[12]|self_attn\.(qkv|projection)|mlp\.fc[12])\.{_WB}|post_layernorm\.{_WB})",
      IMAGE_ENCODER + r"\1", "core"),
-    (rf"vision_model\.(encoder\.layers\.\d+\.(layer_norm[12]|self_attn\.(qkv|projection)|mlp\.fc[12])\.{_WB})",
-     IMAGE_ENCODER + r"\1", "core"),
-    (rf"vision_model\.(post_layernorm\.{_WB})", IMAGE_ENCODER + r"\1", "core"),
     (r"query_tokens", IMAGE_INTERFACE + "query_tokens", "core"),
-    (rf"qformer\.(layernorm\.{_WB})", QFORMER + r"\1", "core"),
-    (rf"qformer\.(encoder\.layer\.\d+\.(attention|crossattention)\."
-     rf"(attention\.(query|key|value)|output\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1", "core"),
-    (rf"qformer\.(encoder\.layer\.\d+\.(intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})",
+    (rf"qformer\.(layernorm\.{_WB}|encoder\.layer\.\d+\.((attention|crossattention)\.(attention\.(query|key|value)"
+     rf"|output\.(dense|LayerNorm))|intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})",
      QFORMER + r"\1", "core"),
     (rf"language_projection\.{_WB}", r"adapters.image.\1", "core"),
     (rf"qformer\.(encoder\.layer\.\d+\.(intermediate\.dense|output\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1",
      "text"),
     (r"embeddings\.(word|position)_embeddings\.weight", IMAGE_INTERFACE + r"text.\1_embeddings.weight", "text"),
-    (rf"vision_projection\.{_WB}", IMAGE_INTERFACE + r"vision_proj.\1", "text"),
-    (rf"text_projection\.{_WB}", IMAGE_INTERFACE + r"text_proj.\1", "text"),
+    (rf"(vision|text)_projection\.{_WB}", IMAGE_INTERFACE + r"\1_proj.\2", "text"),
     (rf"itm_head\.{_WB}", IMAGE_INTERFACE + r"itm_head.\1", "text"),
 ]
 
