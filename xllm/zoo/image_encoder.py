@@ -74,8 +74,6 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
     model = Blip2VisionModel(config)
     probe = GridProbe(recipe.hidden_size)
     processor = ImageProcessor(recipe.image_size)
-    params = list(model.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05)
     rng = random.Random(f"encoder/{recipe.seed}")
 
     def step_loss(step: int) -> StepLoss:
@@ -87,7 +85,6 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
         accuracy = (logits[1].argmax(-1) == labels[..., 1]).float().mean().item()
         return loss, {"cell-kind acc": accuracy}
 
-    model.train()
-    train("tiny image encoder", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
-    model.eval()
+    train("tiny image encoder", [model, probe], recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss,
+          weight_decay=0.05)
     model.save_pretrained(folder)

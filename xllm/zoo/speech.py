@@ -71,8 +71,6 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
                                  max_source_positions=recipe.window_seconds * FRAMES_PER_SECOND)
     encoder = WhisperSpeechEncoder(WhisperEncoder(config))
     head = nn.Linear(recipe.d_model, len(alphabet) + 1)
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     rng = random.Random(f"speech_encoder/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
@@ -84,10 +82,8 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
         return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), zero_infinity=True)
 
-    encoder.train()
-    train("tiny speech encoder (CTC)", params, optimizer, recipe.steps, Schedule(recipe.lr, recipe.warmup), step_loss,
-          log_every=20)
-    encoder.eval()
+    train("tiny speech encoder (CTC)", [encoder, head], recipe.steps, Schedule(recipe.lr, recipe.warmup), step_loss,
+          log_every=20, weight_decay=0.01)
     log.info("tiny speech encoder: greedy CTC CER on the validation scenes %.3f", _validation_cer(encoder, head, recipe,
                                                                                                   alphabet))
     encoder.encoder.save_pretrained(folder)

@@ -199,8 +199,6 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
     model = ChatGLMForConditionalGeneration.from_config(model_config(recipe, tokenizer), device="cpu")
     initialise(model, recipe.init_std)
     backend = ChatGLMBackend(model, tokenizer)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(f"chatglm-llm/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
@@ -210,9 +208,7 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
         return backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
                        batch["labels"]).loss
 
-    model.train()
     # The first warm-up step at rate 0: the schedule every tiny ChatGLM build so far was made with.
-    train("tiny ChatGLM", params, optimizer, recipe.steps,
-          Schedule(recipe.lr, recipe.warmup_steps, warmup_from_zero=True), step_loss)
-    model.eval()
+    train("tiny ChatGLM", [model], recipe.steps, Schedule(recipe.lr, recipe.warmup_steps, warmup_from_zero=True),
+          step_loss, weight_decay=0.01, betas=(0.9, 0.98))
     model.save_pretrained(folder)

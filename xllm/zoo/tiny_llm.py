@@ -103,8 +103,6 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id)
     model = LlamaForCausalLM(config)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(f"llm/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
@@ -112,8 +110,7 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
                             tokenizer.pad_token_id)
         return model(**batch).loss
 
-    model.train()
-    train("tiny LLM", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
-    model.eval()
+    train("tiny LLM", [model], recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss, weight_decay=0.01,
+          betas=(0.9, 0.98))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
