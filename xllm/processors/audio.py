@@ -263,10 +263,8 @@ class AudioProcessor(AudioConfig):
         return features(audio, self.n_mels, self.sample_rate)
 
     def _limit_length(self, audio: np.ndarray, name: str) -> np.ndarray:
-        if self.max_seconds is None:
-            return audio
-        limit = int(self.max_seconds * self.sample_rate)
-        if audio.size <= limit:
+        limit = None if self.max_seconds is None else int(self.max_seconds * self.sample_rate)
+        if limit is None or audio.size <= limit:
             return audio
         seconds = audio.size / self.sample_rate
         if self.on_too_long == "error":

@@ -85,23 +85,19 @@ _MOTION_EN = re.compile(
 _MOTION_ZH = re.compile(
     f"(?P<colour>{'|'.join(COLOUR_ZH.values())})(?P<kind>{'|'.join(KIND_ZH.values())})"
     f"(?P<direction>{'|'.join(DIRECTION_ZH.values())})移动")
-_FROM_ZH = {zh: en for table in (COLOUR_ZH, KIND_ZH, DIRECTION_ZH) for en, zh in table.items()}
+# Per language: the grammar, the text it reads (English lower-cased) and the English words of its phrases.
+_GRAMMARS = {"en": (_MOTION_EN, str.lower, {v: k for k, v in DIRECTION_EN.items()}),
+             "zh": (_MOTION_ZH, str, {zh: en for table in (COLOUR_ZH, KIND_ZH, DIRECTION_ZH)
+                                      for en, zh in table.items()})}
 
 
 def parse_motion(text: str, lang: str = "en") -> tuple[str, str, str] | None:
     """(colour, kind, direction) of the first motion a caption states, or None when none follows the grammar."""
-    if lang == "en":
-        found = _MOTION_EN.search(text.lower())
-        if found is None:
-            return None
-        direction = {v: k for k, v in DIRECTION_EN.items()}[found["direction"]]
-        return found["colour"], found["kind"], direction
-    if lang == "zh":
-        found = _MOTION_ZH.search(text)
-        if found is None:
-            return None
-        return (_FROM_ZH[found["colour"]], _FROM_ZH[found["kind"]], _FROM_ZH[found["direction"]])
-    raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+    if lang not in _GRAMMARS:
+        raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+    grammar, read, english = _GRAMMARS[lang]
+    found = grammar.search(read(text))
+    return None if found is None else tuple(english.get(found[k], found[k]) for k in ("colour", "kind", "direction"))
 
 
 def motion_report(references: list[str], hypotheses: list[str], lang: str = "en") -> dict[str, float]:

@@ -202,8 +202,8 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
     rng = random.Random(f"chatglm-llm/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
-        docs = [world_document(rng, recipe, recipe.english_share) for _ in range(recipe.batch_size)]
-        rows = [document_row(backend, doc) for doc in docs]
+        rows = [document_row(backend, world_document(rng, recipe, recipe.english_share))
+                for _ in range(recipe.batch_size)]
         batch = left_padded(rows, tokenizer.pad_token_id)
         return backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
                        batch["labels"]).loss
