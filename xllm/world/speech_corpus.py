@@ -53,14 +53,14 @@ def utterances(spec: WorldSpeechSpec) -> list[tuple[str, str, str]]:
     return [(utt_id, caption(scene, lang), lang) for utt_id, scene, lang in spoken_scenes(spec)]
 
 
-def ensure_corpus(spec: WorldSpeechSpec, root: Path | None = None, workers: int = 2) -> Path:
+def ensure_corpus(spec: WorldSpeechSpec, root: Path | None = None) -> Path:
     """The corpus folder (``<cache>/world/speech-<digest>`` unless ``root``), synthesised on first use."""
     root = Path(root) if root is not None else cache_dir() / "world" / f"speech-{spec_digest(spec)}"
     marker = root / "corpus.json"
     if is_current(marker, spec):
         return root
     log.info("synthesising the world's speech (%s) into %s", spec, root)
-    synthesize(utterances(spec), root, seed=spec.seed, held_out_voice=spec.held_out_voice, workers=workers)
+    synthesize(utterances(spec), root, seed=spec.seed, held_out_voice=spec.held_out_voice, workers=2)
     mark_current(marker, spec)
     return root
 

@@ -197,12 +197,9 @@ class _Conversion:
                 self.report.unexpected.append(key)
 
 
-def _wants_text_branch(text_branch: bool | None, target_keys: Iterable[str] | None) -> bool:
-    if text_branch is not None:
-        return text_branch
-    if target_keys is None:
-        return True
-    return any(k.startswith(_TEXT_KEY_MARKERS) or _TEXT_FFN.match(k) for k in target_keys)
+def _wants_text_branch(target_keys: list[str] | None) -> bool:
+    """The stage-1 text branch is kept unless the target keys hold none of it."""
+    return target_keys is None or any(k.startswith(_TEXT_KEY_MARKERS) or _TEXT_FFN.match(k) for k in target_keys)
 
 
 def _merge_qkv_bias(conv: _Conversion, q_pattern: str, dst: str) -> None:
@@ -221,13 +218,13 @@ def _merge_qkv_bias(conv: _Conversion, q_pattern: str, dst: str) -> None:
         raise ValueError(f"{conv.source}: v_bias keys without q_bias: {orphans}")
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_extra_tokens: int = 1) -> torch.Tensor:
-    """Resize absolute position embeddings [1, extra + g*g, D] to a ``grid`` x ``grid`` patch grid.
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize absolute position embeddings [1, 1 + g*g, D] to a ``grid`` x ``grid`` patch grid.
 
-    The extra (cls) tokens are kept; the patch part is resized bicubically (align_corners=False), as LAVIS does when
+    The cls token is kept; the patch part is resized bicubically (align_corners=False), as LAVIS does when
     the image size differs from the one the ViT was trained at. Computed in fp32, returned in the input dtype.
     """
-    extra, patches = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     old = math.isqrt(patches.shape[1])
     if old * old != patches.shape[1]:
         raise ValueError(f"position embedding with {patches.shape[1]} patch positions is not a square grid")
@@ -237,7 +234,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_extra_tokens: 
     patches = patches.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
     patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
-    return torch.cat([extra, patches], dim=1)
+    return torch.cat([cls, patches], dim=1)
 
 
 def _resize_positions(conv: _Conversion, image_size: int | None) -> None:
@@ -282,14 +279,14 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
 _BARE_VIT = re.compile(r"(cls_token|pos_embed|patch_embed\..+|blocks\..+)")
 
 
-def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, text_branch: bool | None, image_size: int | None,
+def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, image_size: int | None,
                         target_keys: Iterable[str] | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
     path = Path(path)
     sd = _read_pth(path)
     # eva_vit_g.pth holds the bare VisionTransformer, i.e. the visual_encoder.* keys without their prefix.
     sd = {("visual_encoder." + k if _BARE_VIT.fullmatch(k) else k): v for k, v in sd.items()}
     target_keys = list(target_keys) if target_keys is not None else None
-    keep_text = _wants_text_branch(text_branch, target_keys)
+    keep_text = _wants_text_branch(target_keys)
     conv = _Conversion(str(path), sd)
     conv.report.ln_vision_eps = LAVIS_LN_VISION_EPS
     _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias",
@@ -335,29 +332,26 @@ def _check_speech_adaptors(conv: _Conversion) -> None:
         raise ValueError(f"{conv.source}: both speech adaptors present ({sorted(kinds)}); both map to adapters.speech")
 
 
-def load_lavis_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
-                          target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_lavis_checkpoint(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
+                          ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert one LAVIS BLIP-2 ``.pth`` file (``_LAVIS_RULES`` maps every key): ``eva_vit_g.pth`` (the bare ViT;
     q_bias, zeros and v_bias become ``qkv.bias``), ``blip2_pretrained.pth`` (stage 1, text branch included; the LM
     head's decoder is tied to the word embeddings) or a stage-2 file (``opt_proj`` / ``t5_proj`` -> ``adapters.image``).
 
-    ``text_branch``: keep the stage-1 text branch; by default it is kept unless ``target_keys`` has none of it.
     ``image_size``: interpolate ``pos_embed`` to this image size. ``target_keys`` (e.g. ``model.state_dict().keys()``):
-    fills ``report.missing`` and lists converted keys the target lacks as unexpected. The source implies
-    ``ln_vision_eps = 1e-5``.
+    fills ``report.missing`` and lists converted keys the target lacks as unexpected; the stage-1 text branch is kept
+    unless they hold none of it. The source implies ``ln_vision_eps = 1e-5``.
     """
-    return _convert_lavis_file(path, allow_xllm=False, text_branch=text_branch, image_size=image_size,
-                               target_keys=target_keys)
+    return _convert_lavis_file(path, allow_xllm=False, image_size=image_size, target_keys=target_keys)
 
 
-def load_xllm_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
-                         target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_xllm_checkpoint(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
+                         ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert an X-LLM runner checkpoint (``{"model": sd}`` or flat), single-stage or merged: the LAVIS stage-2
     keys plus X-LLM's video, speech and adaptor keys (the "xllm" rules); ChatGLM's ``opt_model.*`` keys are dropped
     (the LLM is loaded separately). Options as in :func:`load_lavis_checkpoint`.
     """
-    return _convert_lavis_file(path, allow_xllm=True, text_branch=text_branch, image_size=image_size,
-                               target_keys=target_keys)
+    return _convert_lavis_file(path, allow_xllm=True, image_size=image_size, target_keys=target_keys)
 
 
 def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
@@ -368,8 +362,8 @@ def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
     return float(eps), None
 
 
-def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
-                  target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_hf_blip2(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert a Hugging Face ``Blip2Model``, ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``
     (a ``save_pretrained`` folder or one weight file; ``_HF_RULES`` maps every key). ``language_model.*`` is not
     read (the LLM is loaded separately); pre-4.27 ``self_attn.q_bias``/``v_bias`` are merged into ``qkv.bias``;
@@ -391,7 +385,7 @@ def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_si
         conv.report.notes.append(f"{len(llm_keys)} language_model.* tensors not read: the LLM is loaded separately")
     _merge_qkv_bias(conv, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_bias",
                     IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
-    conv.apply_rules(_HF_RULES, _HF_DROPS, text_branch=_wants_text_branch(text_branch, target_keys), allow_xllm=False)
+    conv.apply_rules(_HF_RULES, _HF_DROPS, text_branch=_wants_text_branch(target_keys), allow_xllm=False)
     return _finish(conv, target_keys, image_size)
 
 
