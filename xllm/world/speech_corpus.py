@@ -5,9 +5,7 @@ scene's split and language (``train-000012-en``, ``val-000003-zh``). ``speech.sy
 utterance of the held-out voice under ``test`` and the rest under ``train``; readers take the ``train``
 manifest's ``val-`` utterances as the validation split. So the test split is one English voice that no
 model ever heard, speaking scenes of both pools. ``spoken_scenes`` gives the scene each utterance describes
-(multimodal ASR shows its picture).
-
-Like ``images.py``, a folder is complete when its ``corpus.json`` marker (the spec) is there, written last.
+(multimodal ASR shows its picture). A folder is complete when its ``corpus.json`` marker is there, written last.
 """
 
 from __future__ import annotations

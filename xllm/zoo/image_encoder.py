@@ -59,8 +59,7 @@ def grid_labels(scene) -> torch.Tensor:
     """[cells, 3] class ids (colour, kind, size); 0 means the cell is empty."""
     labels = torch.zeros(len(POSITIONS), 3, dtype=torch.long)
     for shape in scene.shapes:
-        cell = POSITIONS.index(shape.position)
-        labels[cell] = torch.tensor([COLOURS.index(shape.colour) + 1, KINDS.index(shape.kind) + 1,
+        labels[POSITIONS.index(shape.position)] = torch.tensor([COLOURS.index(shape.colour) + 1, KINDS.index(shape.kind) + 1,
                                      SIZES.index(shape.size) + 1])
     return labels
 

@@ -63,8 +63,7 @@ def chat_row(tokenizer: PreTrainedTokenizerFast, turns: list[tuple[str, str]]) -
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    ids: list[int] = []
-    labels: list[int] = []
+    ids, labels = [], []
     for index, (query, reply) in enumerate(turns):
         separator = "\n" if index else ""  # render_chat's newline after the previous <|end|>
         prompt, start = [], 0

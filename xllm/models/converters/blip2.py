@@ -1,12 +1,8 @@
 """Convert BLIP-2 weights (LAVIS ``.pth``, Hugging Face ``Blip2*`` folders, X-LLM runner checkpoints) to xllm names.
 
-Every loader returns ``(state_dict, LoadReport)``. The state dict uses the names of the composite ``XLLM`` module:
-
-- ``encoders.image.model.*``: a ``transformers.Blip2VisionModel`` (its ``post_layernorm`` is LAVIS's ``ln_vision``);
-- ``interfaces.image.query_tokens``, ``interfaces.image.qformer.*`` (a ``Blip2QFormerModel``) and the stage-1 text
-  branch ``interfaces.image.{text.*, lm_head.*, vision_proj.*, text_proj.*, itm_head.*, temp}``;
-- ``adapters.image.*``, ``interfaces.video.query_tokens``, ``adapters.video.*``,
-  ``interfaces.speech.{input_proj,bert}.*``, ``adapters.speech.*``.
+Every loader returns ``(state_dict, LoadReport)``. The state dict uses the names of the composite ``XLLM`` module,
+which the rule tables below list: a ``transformers.Blip2VisionModel`` under ``encoders.image.model`` (its
+``post_layernorm`` is LAVIS's ``ln_vision``), a ``Blip2QFormerModel`` under ``interfaces.image.qformer``.
 
 Nothing is loaded with ``strict=False``: the report names every consumed, dropped (with the reason), unexpected and
 missing key, and :func:`load_into` raises on any mismatch.
@@ -141,11 +137,10 @@ class LoadReport:
             raise ValueError(f"{self.source}: unexpected keys {self.unexpected}; missing keys {self.missing or []}")
 
     def __str__(self) -> str:
-        reasons = Counter(self.dropped.values())
         lines = [f"{self.source}: {len(self.consumed)} consumed, {len(self.dropped)} dropped, "
                  f"{len(self.unexpected)} unexpected, "
                  f"{'no target given' if self.missing is None else f'{len(self.missing)} missing'}"]
-        lines += [f"  dropped {n}: {reason}" for reason, n in reasons.items()]
+        lines += [f"  dropped {n}: {reason}" for reason, n in Counter(self.dropped.values()).items()]
         lines += [f"  unexpected: {k}" for k in self.unexpected]
         lines += [f"  missing: {k}" for k in self.missing or []]
         if self.ln_vision_eps is not None:
@@ -354,12 +349,12 @@ def load_xllm_checkpoint(path: str | Path, *, image_size: int | None = None, tar
     return _convert_lavis_file(path, allow_xllm=True, image_size=image_size, target_keys=target_keys)
 
 
-def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
+def _hf_layer_norm_eps(path: Path, report: LoadReport) -> float:
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
-        return HF_LAYER_NORM_EPS, f"no config.json next to {path}: assuming the HF default eps {HF_LAYER_NORM_EPS:g}"
-    eps = json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS)
-    return float(eps), None
+        report.notes.append(f"no config.json next to {path}: assuming the HF default eps {HF_LAYER_NORM_EPS:g}")
+        return HF_LAYER_NORM_EPS
+    return float(json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS))
 
 
 def load_hf_blip2(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
@@ -376,9 +371,7 @@ def load_hf_blip2(path: str | Path, *, image_size: int | None = None, target_key
     sd, llm_keys = weights.tensors, sorted(weights.skipped)
     target_keys = list(target_keys) if target_keys is not None else None
     conv = _Conversion(str(path), sd)
-    conv.report.ln_vision_eps, note = _hf_layer_norm_eps(path)
-    if note:
-        conv.report.notes.append(note)
+    conv.report.ln_vision_eps = _hf_layer_norm_eps(path, conv.report)
     for key in llm_keys:
         conv.drop(key, _LLM_DROP_REASON)
     if llm_keys:
