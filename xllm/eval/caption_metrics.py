@@ -74,9 +74,7 @@ def attribute_accuracy(references: list[str], hypotheses: list[str], lang: str =
         for shape, named in zip(ref_shapes, hyp_shapes):
             for attribute in ATTRIBUTES:
                 correct[attribute] += getattr(shape, attribute) == getattr(named, attribute)
-    if total == 0:
-        return {}
-    return {attribute: correct[attribute] / total for attribute in ATTRIBUTES}
+    return {attribute: correct[attribute] / total for attribute in ATTRIBUTES} if total else {}
 
 
 def caption_report(references: list[str], hypotheses: list[str], lang: str = "en") -> dict[str, float]:

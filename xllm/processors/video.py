@@ -108,9 +108,7 @@ def _read_decord(path: Path, count: int, sampling: str, fps: float | None) -> li
     try:
         reader = decord.VideoReader(str(path))
     except (decord.DECORDError, RuntimeError) as error:  # a file FFmpeg cannot parse raises a bare RuntimeError
-        reason = str(error).splitlines()[0]
-        if "cannot find video stream" in str(error):
-            reason = "no video stream"
+        reason = "no video stream" if "cannot find video stream" in str(error) else str(error).splitlines()[0]
         raise VideoError(f"cannot open video file {path} with decord: {reason}") from None
     if sampling == "uniform":
         indices = uniform_indices(len(reader), count)
