@@ -88,8 +88,6 @@ def caption_report(references: list[str], hypotheses: list[str], lang: str = "en
 
 def format_table(report: dict[str, float], title: str) -> str:
     width = max(len(k) for k in report)
-    lines = [title, "-" * (width + 12)]
-    for key, value in report.items():
-        shown = f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}"
-        lines.append(f"{key:<{width}}  {shown}")
-    return "\n".join(lines)
+    rows = [f"{key:<{width}}  " + (f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}")
+            for key, value in report.items()]
+    return "\n".join([title, "-" * (width + 12), *rows])

@@ -105,9 +105,7 @@ def _read_av(path: Path) -> tuple[np.ndarray, int]:
             sample_rate = stream.codec_context.sample_rate
             # Planar float at the native rate and layout: one row per channel, mixing is done by the caller.
             to_float = AudioResampler(format="fltp")
-            chunks = []
-            for frame in container.decode(stream):
-                chunks += [f.to_ndarray() for f in to_float.resample(frame)]
+            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
             declared = container.duration / av.time_base if container.duration else None
     except av.error.FFmpegError as error:
         raise ValueError(f"cannot decode audio file {path}: {error}") from error

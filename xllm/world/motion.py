@@ -109,9 +109,7 @@ def motion_report(references: list[str], hypotheses: list[str], lang: str = "en"
         truth, guess = parse_motion(ref, lang), parse_motion(hyp or "", lang)
         if truth is None:
             raise ValueError(f"reference caption {ref!r} does not follow the motion grammar")
-        if guess is not None:
-            scores["colour"] += guess[0] == truth[0]
-            scores["kind"] += guess[1] == truth[1]
-            scores["direction"] += guess[2] == truth[2]
+        for name, said, right in zip(("colour", "kind", "direction"), guess or (), truth):
+            scores[name] += said == right
     count = max(len(references), 1)
     return {f"accuracy_{k}": v / count for k, v in scores.items()}
