@@ -47,19 +47,13 @@ MIN_SECONDS = 0.1
 INSTALL_HINT = "install it with `apt-get install espeak-ng` (Debian/Ubuntu) or `brew install espeak-ng` (macOS)"
 
 
-def espeak_binary() -> str:
-    """Path of espeak-ng, or a RuntimeError saying how to install it."""
-    binary = shutil.which("espeak-ng")
-    if binary is None:
-        raise RuntimeError(f"espeak-ng is not on PATH; the synthetic world's speech needs it: {INSTALL_HINT}")
-    return binary
-
-
 def synthesize(utterances: Sequence[tuple[str, str, str]], out_dir: str | Path,
                voices: Mapping[str, Sequence[str]] | None = None, seed: int = 0, held_out_voice: str | None = None,
                workers: int = 4) -> dict[str, list[dict]]:
     """Speak ``(utt_id, text, lang)`` utterances (lang "en" or "zh") and write the corpus; returns split -> entries."""
-    binary = espeak_binary()
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise RuntimeError(f"espeak-ng is not on PATH; the synthetic world's speech needs it: {INSTALL_HINT}")
     voices = {lang: tuple(names) for lang, names in (voices or DEFAULT_VOICES).items()}
     _check_inputs(utterances, voices, held_out_voice)
     out_dir = Path(out_dir)

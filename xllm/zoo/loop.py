@@ -38,10 +38,10 @@ def train(name: str, modules: Sequence[torch.nn.Module], steps: int, schedule: S
     """Makes ``steps`` clipped AdamW updates (``adamw``: its options but the rate) of the parameters of ``modules``,
     which train meanwhile and are left in eval mode; step ``k`` (from 0) is on the loss ``step_loss(k)``. Logs every
     ``log_every`` steps and at the last (through the progress bar, so that it does not break the bar's line)."""
-    params = [p for module in modules for p in module.parameters()]
+    trained = torch.nn.ModuleList(modules)
+    params = list(trained.parameters())
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, **adamw)
-    for module in modules:
-        module.train()
+    trained.train()
     start = time.time()
     with logging_redirect_tqdm(), tqdm(total=steps, desc=name, dynamic_ncols=True) as progress:
         for step in range(steps):
@@ -59,5 +59,4 @@ def train(name: str, modules: Sequence[torch.nn.Module], steps: int, schedule: S
                 values = "".join(f" {key} {value:.3f}" for key, value in extras.items())
                 log.info("%s step %d/%d loss %.3f%s (%.0fs)", name, step + 1, steps, loss.item(), values,
                          time.time() - start)
-    for module in modules:
-        module.eval()
+    trained.eval()

@@ -116,14 +116,12 @@ def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share:
     question = rng.choice(DESCRIBE_EN if english else DESCRIBE_ZH)
     draw = rng.random()
     if draw < copy_share:
-        separator = " " if english else ""
         span = caption
         if rng.random() < recipe.shuffle_share:
             # The shapes in another order: the answer has to find each one by its position word, as it must in
             # an interface's query vectors, which are a set (see docs/chatglm.md).
-            shuffled = Scene(tuple(rng.sample(scene.shapes, len(scene.shapes))))
-            span = scene_caption(shuffled, lang)
-        return Document(f"{media_span('image')}{separator}{question}", caption, span_text=span)
+            span = scene_caption(Scene(tuple(rng.sample(scene.shapes, len(scene.shapes)))), lang)
+        return Document(f"{media_span('image')}{' ' if english else ''}{question}", caption, span_text=span)
     if draw < copy_share + lookup_share and not english:
         # One shape's attributes, found by its position: the reading that copying a caption of several shapes
         # needs, where "有一个" starts every shape and the previous token cannot tell them apart.
