@@ -88,10 +88,8 @@ def _check_wav_complete(path: Path) -> None:
             if chunk_id == b"data":
                 # 0 and 0xFFFFFFFF mean "length unknown" (streamed writers, RF64).
                 if chunk_size not in (0, 0xFFFFFFFF) and offset + 8 + chunk_size > size:
-                    raise ValueError(
-                        f"audio file {path} is truncated: its data chunk declares {chunk_size} bytes "
-                        f"but only {size - offset - 8} are present"
-                    )
+                    raise ValueError(f"audio file {path} is truncated: its data chunk declares {chunk_size} bytes "
+                                     f"but only {size - offset - 8} are present")
                 return
             offset += 8 + chunk_size + (chunk_size & 1)
 
@@ -123,9 +121,8 @@ def is_silent(audio: np.ndarray) -> bool:
     return audio.size > 0 and float(np.abs(audio).max()) < SILENCE_PEAK
 
 
-def log_mel(
-    audio: np.ndarray, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, pad_to_seconds: float | None = None
-) -> torch.Tensor:
+def log_mel(audio: np.ndarray, n_mels: int = 80, sample_rate: int = SAMPLE_RATE,
+            pad_to_seconds: float | None = None) -> torch.Tensor:
     """Whisper's log-mel spectrogram, [n_mels, len(audio) // 160] (10 ms frames).
 
     Identical to ``WhisperFeatureExtractor`` with ``padding="longest"``; with ``pad_to_seconds=30`` identical
@@ -137,17 +134,11 @@ def log_mel(
         if audio.size > target:
             raise ValueError(f"audio of {audio.size / sample_rate:.2f} s does not fit pad_to_seconds={pad_to_seconds}")
         audio = np.pad(audio, (0, target - audio.size))
-    spec = spectrogram(
-        np.pad(audio, (0, max(WHISPER_N_FFT - audio.size, 0))),  # at least one window
-        window_function(WHISPER_N_FFT, "hann"),
-        frame_length=WHISPER_N_FFT,
-        hop_length=WHISPER_HOP,
-        power=2.0,
-        mel_filters=mel_filter_bank(num_frequency_bins=1 + WHISPER_N_FFT // 2, num_mel_filters=n_mels,
-                                    min_frequency=0.0, max_frequency=8000.0, sampling_rate=sample_rate,
-                                    norm="slaney", mel_scale="slaney"),
-        log_mel="log10",
-    )
+    mel_filters = mel_filter_bank(num_frequency_bins=1 + WHISPER_N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
+                                  max_frequency=8000.0, sampling_rate=sample_rate, norm="slaney", mel_scale="slaney")
+    spec = spectrogram(np.pad(audio, (0, max(WHISPER_N_FFT - audio.size, 0))), window_function(WHISPER_N_FFT, "hann"),
+                       frame_length=WHISPER_N_FFT, hop_length=WHISPER_HOP, power=2.0, mel_filters=mel_filters,
+                       log_mel="log10")
     # Whisper drops the last centred frame, clips the dynamic range to 80 dB below the loudest bin and
     # rescales to roughly [-1, 1].
     spec = spec[:, :-1]
@@ -164,22 +155,14 @@ def fbank(audio: np.ndarray, num_mel_bins: int = 80, sample_rate: int = SAMPLE_R
     """
     audio = _checked_waveform(audio)
     frame_length = sample_rate * 25 // 1000
-    spec = spectrogram(
-        np.pad(audio, (0, max(frame_length - audio.size, 0))) * 32768.0,
-        window_function(frame_length, "povey", periodic=False),
-        frame_length=frame_length,
-        hop_length=sample_rate // 100,
-        fft_length=512,
-        power=2.0,
-        center=False,
-        preemphasis=0.97,
-        mel_filters=mel_filter_bank(num_frequency_bins=257, num_mel_filters=num_mel_bins, min_frequency=20.0,
-                                    max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm=None,
-                                    mel_scale="kaldi", triangularize_in_mel_space=True),
-        log_mel="log",
-        mel_floor=float(np.finfo(np.float32).eps),
-        remove_dc_offset=True,
-    )
+    mel_filters = mel_filter_bank(num_frequency_bins=257, num_mel_filters=num_mel_bins, min_frequency=20.0,
+                                  max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm=None,
+                                  mel_scale="kaldi", triangularize_in_mel_space=True)
+    spec = spectrogram(np.pad(audio, (0, max(frame_length - audio.size, 0))) * 32768.0,
+                       window_function(frame_length, "povey", periodic=False), frame_length=frame_length,
+                       hop_length=sample_rate // 100, fft_length=512, power=2.0, center=False, preemphasis=0.97,
+                       mel_filters=mel_filters, log_mel="log", mel_floor=float(np.finfo(np.float32).eps),
+                       remove_dc_offset=True)
     return torch.from_numpy(spec.astype(np.float32))
 
 
@@ -237,9 +220,8 @@ class AudioProcessor(AudioConfig):
             raise ValueError(f"unknown audio processor option(s) {unknown}; known: {known}")
         return cls(**options)
 
-    def __call__(
-        self, path_or_array: str | Path | np.ndarray, utt_id: str | None = None, sample_rate: int | None = None
-    ) -> torch.Tensor:
+    def __call__(self, path_or_array: str | Path | np.ndarray, utt_id: str | None = None,
+                 sample_rate: int | None = None) -> torch.Tensor:
         if isinstance(path_or_array, (str, Path)):
             source = str(path_or_array)
             audio = load_audio(path_or_array, self.sample_rate)

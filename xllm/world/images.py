@@ -38,15 +38,10 @@ def generate_records(spec: WorldImageSpec) -> dict[str, list[dict]]:
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for split, index, scene, rng in unique_draws(spec, f"{spec.seed}/", lambda rng: sample_scene(rng, spec.max_shapes)):
         image_id = f"{split}_{index:06d}"
-        records[split].append({
-            "image": f"images/{split}/{image_id}.png",
-            "caption": caption_en(scene),
-            "image_id": image_id,
-            "caption_zh": caption_zh(scene),
-            "scene": scene.to_dict(),
-            "qa": [list(pair) for pair in question_answers(scene, rng)],
-            "render_seed": rng.randrange(2**31),
-        })
+        records[split].append({"image": f"images/{split}/{image_id}.png", "caption": caption_en(scene),
+                               "image_id": image_id, "caption_zh": caption_zh(scene), "scene": scene.to_dict(),
+                               "qa": [list(pair) for pair in question_answers(scene, rng)],
+                               "render_seed": rng.randrange(2**31)})
     return records
 
 

@@ -57,10 +57,8 @@ class Scene:
 def sample_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     count = rng.randint(1, max_shapes)
     cells = sorted(rng.sample(range(len(POSITIONS)), count))
-    shapes = tuple(
-        Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), POSITIONS[cell]) for cell in cells
-    )
-    return Scene(shapes)
+    return Scene(tuple(Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), POSITIONS[cell])
+                       for cell in cells))
 
 
 def caption_en(scene: Scene) -> str:
@@ -89,10 +87,8 @@ def _alternatives(table: dict[str, str]) -> str:
 
 _SHAPE_EN = re.compile(f"(?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<kind>{'|'.join(KINDS)}) "
                        f"(?P<position>{_alternatives(POSITION_PHRASE_EN)})")
-_SHAPE_ZH = re.compile(
-    f"(?P<position>{_alternatives(POSITION_ZH)})有一个(?P<size>{_alternatives(SIZE_ZH)})的"
-    f"(?P<colour>{_alternatives(COLOUR_ZH)})(?P<kind>{_alternatives(KIND_ZH)})"
-)
+_SHAPE_ZH = re.compile(f"(?P<position>{_alternatives(POSITION_ZH)})有一个(?P<size>{_alternatives(SIZE_ZH)})的"
+                       f"(?P<colour>{_alternatives(COLOUR_ZH)})(?P<kind>{_alternatives(KIND_ZH)})")
 # Per language: the grammar, the text it reads (English lower-cased) and the English words of its phrases.
 _GRAMMARS = {"en": (_SHAPE_EN, str.lower, {v: k for k, v in POSITION_PHRASE_EN.items()}),
              "zh": (_SHAPE_ZH, str, {zh: en for table in (KIND_ZH, COLOUR_ZH, SIZE_ZH, POSITION_ZH)

@@ -87,9 +87,8 @@ def _check_inputs(utterances, voices: dict[str, tuple[str, ...]], held_out_voice
             raise ValueError(f"utterance id {utt_id!r} appears twice")
         seen.add(utt_id)
         if lang not in voices or not voices[lang]:
-            raise ValueError(
-                f"utterance {utt_id!r}: no voices for lang {lang!r}; voices are given for {sorted(voices)}"
-            )
+            raise ValueError(f"utterance {utt_id!r}: no voices for lang {lang!r}; voices are given for "
+                             f"{sorted(voices)}")
         if not text.strip():
             raise ValueError(f"utterance {utt_id!r}: text is empty")
     all_voices = {v for names in voices.values() for v in names}
@@ -100,17 +99,9 @@ def _check_inputs(utterances, voices: dict[str, tuple[str, ...]], held_out_voice
 def _choose_voice(utt_id: str, text: str, lang: str, voices: tuple[str, ...], seed: int) -> dict:
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms.
     rng = random.Random(f"{seed}/{utt_id}")
-    voice = rng.choice(voices)
-    return {
-        "id": utt_id,
-        "audio": f"wav/{utt_id}.wav",
-        # One line per utterance, as Kaldi tables require.
-        "text": " ".join(text.split()),
-        "lang": lang,
-        "speaker": voice,
-        "speed": rng.choice(SPEEDS),
-        "pitch": rng.choice(PITCHES),
-    }
+    # The text on one line, as Kaldi tables require; the voice, speed and pitch drawn in that order.
+    return {"id": utt_id, "audio": f"wav/{utt_id}.wav", "text": " ".join(text.split()), "lang": lang,
+            "speaker": rng.choice(voices), "speed": rng.choice(SPEEDS), "pitch": rng.choice(PITCHES)}
 
 
 def _speak(binary: str, entry: dict, out_dir: Path) -> None:

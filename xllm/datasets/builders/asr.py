@@ -119,9 +119,8 @@ def read_manifest(path: str | Path) -> list[ASRRecord]:
     return sorted(records, key=lambda r: r.utt_id)
 
 
-def _join(
-    wavs: dict[str, str], texts: dict[str, str], wav_source: Path, text_source: Path, base: Path, skip_missing: bool
-) -> list[ASRRecord]:
+def _join(wavs: dict[str, str], texts: dict[str, str], wav_source: Path, text_source: Path, base: Path,
+          skip_missing: bool) -> list[ASRRecord]:
     no_text = sorted(set(wavs) - set(texts))
     no_audio = sorted(set(texts) - set(wavs))
     if (no_text or no_audio) and not skip_missing:
@@ -130,10 +129,8 @@ def _join(
                                                          (no_audio, text_source, "audio", wav_source)) if utts]
         raise ValueError("; ".join(problems) + " (skip_missing=True drops them)")
     if no_text or no_audio:
-        logger.warning(
-            "skipped %d utterance(s) without transcript and %d without audio (%s, %s)",
-            len(no_text), len(no_audio), wav_source, text_source,
-        )
+        logger.warning("skipped %d utterance(s) without transcript and %d without audio (%s, %s)", len(no_text),
+                       len(no_audio), wav_source, text_source)
     records = [ASRRecord(utt, _audio_path(wavs[utt], base, utt), texts[utt]) for utt in sorted(set(wavs) & set(texts))]
     _check_audio_exists(records)
     return records
@@ -141,9 +138,8 @@ def _join(
 
 def _audio_path(spec: str, base: Path, utt_id: str) -> Path:
     if spec.rstrip().endswith("|"):
-        raise ValueError(
-            f"utterance {utt_id!r}: piped wav.scp commands are not supported ({spec!r}); extract the audio first"
-        )
+        raise ValueError(f"utterance {utt_id!r}: piped wav.scp commands are not supported ({spec!r}); "
+                         "extract the audio first")
     path = Path(spec).expanduser()
     return path if path.is_absolute() else base / path
 

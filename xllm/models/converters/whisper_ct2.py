@@ -16,14 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperProcessor,
-    WhisperTokenizer,
-)
+from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                          WhisperProcessor, WhisperTokenizer)
 
 from xllm.common.checkpoint import load_state
 
@@ -204,25 +198,17 @@ def whisper_config(model: Ct2Model, special: Mapping[str, int], source: str = "m
     conv1 = get("encoder/conv1/weight")
     eot = special["<|endoftext|>"]
     return WhisperConfig(
-        vocab_size=get("decoder/embeddings/weight").shape[0],
-        num_mel_bins=conv1.shape[1],
-        d_model=conv1.shape[0],
-        encoder_layers=get.count_layers("encoder"),
-        decoder_layers=get.count_layers("decoder"),
+        vocab_size=get("decoder/embeddings/weight").shape[0], num_mel_bins=conv1.shape[1], d_model=conv1.shape[0],
+        encoder_layers=get.count_layers("encoder"), decoder_layers=get.count_layers("decoder"),
         encoder_attention_heads=get.scalar("encoder/num_heads"),
         decoder_attention_heads=get.scalar("decoder/num_heads"),
         encoder_ffn_dim=get("encoder/layer_0/ffn/linear_0/weight").shape[0],
         decoder_ffn_dim=get("decoder/layer_0/ffn/linear_0/weight").shape[0],
         max_source_positions=get("encoder/position_encodings/encodings").shape[0],
         max_target_positions=get("decoder/position_encodings/encodings").shape[0],
-        activation_function="gelu",
-        scale_embedding=bool(get.scalar("decoder/scale_embeddings")),
+        activation_function="gelu", scale_embedding=bool(get.scalar("decoder/scale_embeddings")),
         tie_word_embeddings=model.aliases.get("decoder/projection/weight") == "decoder/embeddings/weight",
-        pad_token_id=eot,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        decoder_start_token_id=special["<|startoftranscript|>"],
-    )
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=special["<|startoftranscript|>"])
 
 
 def _special_ids(tokenizer_json: Mapping) -> dict[str, int]:
