@@ -48,8 +48,7 @@ def conversations(rng: random.Random) -> list[tuple[str, str]]:
     if kind < 0.65:
         return [(rng.choice(DESCRIBE_EN), caption_en(scene))]
     qa = question_answers(scene, rng)
-    turns = [(f"{caption_en(scene)} {qa[0][0]}", qa[0][1])]
-    return turns + [(q, a) for q, a in qa[1:] if rng.random() < 0.5]
+    return [(f"{caption_en(scene)} {qa[0][0]}", qa[0][1])] + [(q, a) for q, a in qa[1:] if rng.random() < 0.5]
 
 
 def motion_document(rng: random.Random) -> list[tuple[str, str]]:

@@ -66,11 +66,10 @@ def grid_labels(scene) -> torch.Tensor:
 
 def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRecipe()) -> None:
     torch.manual_seed(recipe.seed)
-    config = Blip2VisionConfig(
+    model = Blip2VisionModel(Blip2VisionConfig(
         image_size=recipe.image_size, patch_size=recipe.patch_size, hidden_size=recipe.hidden_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-        intermediate_size=recipe.intermediate_size, initializer_range=0.02)
-    model = Blip2VisionModel(config)
+        intermediate_size=recipe.intermediate_size, initializer_range=0.02))
     probe = GridProbe(recipe.hidden_size)
     processor = ImageProcessor(recipe.image_size)
     rng = random.Random(f"encoder/{recipe.seed}")

@@ -66,10 +66,9 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
     features, texts = _features(recipe, "train")
     alphabet = sorted({ch for text in texts for ch in text})
     index = {ch: i + 1 for i, ch in enumerate(alphabet)}  # 0 is CTC's blank
-    config = tiny_whisper_config(d_model=recipe.d_model, encoder_layers=recipe.num_layers,
-                                 encoder_attention_heads=recipe.num_heads, encoder_ffn_dim=recipe.ffn_dim,
-                                 max_source_positions=recipe.window_seconds * FRAMES_PER_SECOND)
-    encoder = WhisperSpeechEncoder(WhisperEncoder(config))
+    encoder = WhisperSpeechEncoder(WhisperEncoder(tiny_whisper_config(
+        d_model=recipe.d_model, encoder_layers=recipe.num_layers, encoder_attention_heads=recipe.num_heads,
+        encoder_ffn_dim=recipe.ffn_dim, max_source_positions=recipe.window_seconds * FRAMES_PER_SECOND)))
     head = nn.Linear(recipe.d_model, len(alphabet) + 1)
     rng = random.Random(f"speech_encoder/{recipe.seed}")
 

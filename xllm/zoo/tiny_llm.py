@@ -95,13 +95,12 @@ def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
 def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(recipe)
-    config = LlamaConfig(
+    model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_heads, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id)
-    model = LlamaForCausalLM(config)
+        bos_token_id=tokenizer.bos_token_id))
     rng = random.Random(f"llm/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:

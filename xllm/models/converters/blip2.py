@@ -153,10 +153,8 @@ class _Conversion:
     """Collects converted tensors for one source and keeps the report in step with them."""
 
     def __init__(self, source: str, sd: Mapping[str, torch.Tensor]):
-        self.source = source
-        self.sd = sd
+        self.source, self.sd, self.report = source, sd, LoadReport(source)
         self.out: dict[str, torch.Tensor] = {}
-        self.report = LoadReport(source)
         self.handled: set[str] = set()
 
     def put(self, dst: str, tensor: torch.Tensor, *src: str) -> None:
