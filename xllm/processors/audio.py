@@ -7,10 +7,9 @@ Kaldi-style filterbanks most CTC/CIF ASR models were trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -212,9 +211,9 @@ class AudioProcessor(AudioConfig):
 
     @classmethod
     def from_config(cls, cfg: "AudioProcessor.Config | Mapping") -> "AudioProcessor":
-        options = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+        options = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
         options.pop("name", None)  # a config block's registry name, not an option
-        known = [f.name for f in dataclasses.fields(cls.Config)]
+        known = [f.name for f in fields(cls.Config)]
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ValueError(f"unknown audio processor option(s) {unknown}; known: {known}")

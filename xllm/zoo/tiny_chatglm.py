@@ -15,11 +15,10 @@ around ``<ImageHere>``, so that stage 2 only has to replace those tokens with th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sentencepiece as spm
@@ -135,7 +134,7 @@ def alike(scene: Scene, rng: random.Random) -> Scene:
     """The scene with every shape's attributes but one (and its position) set to the first shape's."""
     first, varying = scene.shapes[0], rng.choice(LOOKS)
     shared = {name: getattr(first, name) for name in LOOKS if name != varying}
-    return Scene(tuple(dataclasses.replace(shape, **shared) for shape in scene.shapes))
+    return Scene(tuple(replace(shape, **shared) for shape in scene.shapes))
 
 
 def train_tokenizer(recipe: TinyChatGLMRecipe, folder: Path) -> ChatGLMTokenizer:

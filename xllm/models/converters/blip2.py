@@ -230,24 +230,19 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patches], dim=1)
 
 
-def _resize_positions(conv: _Conversion, image_size: int | None) -> None:
-    key = IMAGE_ENCODER + "embeddings.position_embedding"
-    if image_size is None or key not in conv.out:
-        return
-    patch_key = IMAGE_ENCODER + "embeddings.patch_embedding.weight"
-    if patch_key not in conv.out:
-        raise ValueError(f"{conv.source}: cannot resize {key} without the patch size from {patch_key}")
-    grid = image_size // conv.out[patch_key].shape[-1]
-    before = conv.out[key].shape[1]
-    conv.out[key] = interpolate_pos_embed(conv.out[key], grid)
-    if conv.out[key].shape[1] != before:
-        conv.report.notes.append(f"position embedding interpolated from {before} to {conv.out[key].shape[1]} tokens "
-                                 f"for image size {image_size}")
-
-
 def _finish(conv: _Conversion, target_keys: Iterable[str] | None, image_size: int | None
             ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    _resize_positions(conv, image_size)
+    """Interpolates the position embedding to ``image_size`` if given, then compares with the target keys."""
+    key = IMAGE_ENCODER + "embeddings.position_embedding"
+    patch_key = IMAGE_ENCODER + "embeddings.patch_embedding.weight"
+    if image_size is not None and key in conv.out:
+        if patch_key not in conv.out:
+            raise ValueError(f"{conv.source}: cannot resize {key} without the patch size from {patch_key}")
+        before = conv.out[key].shape[1]
+        conv.out[key] = interpolate_pos_embed(conv.out[key], image_size // conv.out[patch_key].shape[-1])
+        if conv.out[key].shape[1] != before:
+            conv.report.notes.append(f"position embedding interpolated from {before} to {conv.out[key].shape[1]} "
+                                     f"tokens for image size {image_size}")
     if target_keys is not None:
         _compare_with_target(conv.out, conv.report, target_keys)
     return conv.out, conv.report
