@@ -60,8 +60,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     frame = av.AudioFrame.from_ndarray(audio[None, :], format="fltp", layout="mono")
     frame.sample_rate = orig_sr
     # Passing None flushes the filter's tail, without which the last few milliseconds are lost.
-    out = [f.to_ndarray()[0] for f in resampler.resample(frame)]
-    out += [f.to_ndarray()[0] for f in resampler.resample(None)]
+    out = [f.to_ndarray()[0] for frames in (resampler.resample(frame), resampler.resample(None)) for f in frames]
     return np.concatenate(out).astype(np.float32, copy=False)
 
 

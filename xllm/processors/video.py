@@ -59,8 +59,8 @@ def _pad_short(frames: list[Image.Image], count: int, path: Path, on_short: str)
     return frames + [frames[-1]] * (count - len(frames))
 
 
-def _decode_pyav(path: Path) -> tuple[list, list[float]]:
-    """Every frame of the first video stream (as PyAV frames) and its presentation time in seconds."""
+def _read_pyav(path: Path, count: int, sampling: str, fps: float | None) -> list[Image.Image]:
+    """Decodes every frame of the first video stream, with its presentation time in seconds, and samples them."""
     import av
 
     try:
@@ -88,11 +88,6 @@ def _decode_pyav(path: Path) -> tuple[list, list[float]]:
             # A damaged tail still leaves the frames before it; the short-clip rule decides what happens next.
     if not frames:
         raise VideoError(f"video file {path} holds no decodable frame (codec {stream.codec_context.name!r})")
-    return frames, times
-
-
-def _read_pyav(path: Path, count: int, sampling: str, fps: float | None) -> list[Image.Image]:
-    frames, times = _decode_pyav(path)
     indices = fps_indices(times, fps, count) if sampling == "fps" else uniform_indices(len(frames), count)
     return [frames[i].to_image() for i in indices]
 

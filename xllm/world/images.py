@@ -50,8 +50,7 @@ def write_world_images(spec: WorldImageSpec, root: Path) -> None:
     def write_files(root: Path, split: str, rows: list[dict]) -> None:
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "shards").mkdir(exist_ok=True)
-        pattern = str(root / "shards" / f"{split}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=spec.shard_size, verbose=0) as sink:
+        with wds.ShardWriter(str(root / "shards" / f"{split}-%06d.tar"), maxcount=spec.shard_size, verbose=0) as sink:
             for row in rows:
                 image = render(Scene.from_dict(row["scene"]), spec.image_size, random.Random(row["render_seed"]))
                 image.save(root / row["image"])

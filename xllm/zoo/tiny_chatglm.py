@@ -172,15 +172,6 @@ def model_config(recipe: TinyChatGLMRecipe, tokenizer: ChatGLMTokenizer) -> dict
     }
 
 
-def initialise(model: nn.Module, std: float) -> None:
-    # PyTorch's default N(0, 1) embedding would start the tied output layer at logits of std ~sqrt(hidden).
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def document_row(backend: ChatGLMBackend, doc: Document) -> tuple[list[int], list[int]]:
     """Ids and labels of one document, the span's text tokenised on its own like a medium's slots."""
     before, *after = backend.layout.format_prompt(doc.query).split(IMAGE_MARKER)
@@ -194,7 +185,12 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(recipe, folder)
     model = ChatGLMForConditionalGeneration.from_config(model_config(recipe, tokenizer), device="cpu")
-    initialise(model, recipe.init_std)
+    # PyTorch's default N(0, 1) embedding would start the tied output layer at logits of std ~sqrt(hidden).
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=recipe.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
     backend = ChatGLMBackend(model, tokenizer)
     rng = random.Random(f"chatglm-llm/{recipe.seed}")
 

@@ -159,8 +159,7 @@ class ASRDataset(Dataset):
     taking ``(path, utt_id=...)``)."""
 
     def __init__(self, records: list[ASRRecord], audio_processor: Callable[..., torch.Tensor]) -> None:
-        self.records = records
-        self.audio_processor = audio_processor
+        self.records, self.audio_processor = records, audio_processor
 
     def __len__(self) -> int:
         return len(self.records)

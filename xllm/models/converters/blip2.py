@@ -280,7 +280,9 @@ def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, image_size: int |
     _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias",
                     IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
     _tie_lm_head(conv, keep_text)
-    _check_speech_adaptors(conv)
+    adaptors = {k.split(".")[0] for k in sd if k.startswith(("post_bert_proj.", "speech_feat_proj."))}
+    if len(adaptors) > 1:
+        raise ValueError(f"{path}: both speech adaptors present ({sorted(adaptors)}); both map to adapters.speech")
     drops = _LAVIS_DROPS + (_XLLM_DROPS if allow_xllm else [])
     conv.apply_rules(_LAVIS_RULES, drops, text_branch=keep_text, allow_xllm=allow_xllm)
     if keep_text:
@@ -314,12 +316,6 @@ def _fill_tied_decoder(conv: _Conversion) -> None:
         conv.report.notes.append(f"{decoder} differs from {words}: the file was not tied")
 
 
-def _check_speech_adaptors(conv: _Conversion) -> None:
-    kinds = {k.split(".")[0] for k in conv.sd if k.startswith(("post_bert_proj.", "speech_feat_proj."))}
-    if len(kinds) > 1:
-        raise ValueError(f"{conv.source}: both speech adaptors present ({sorted(kinds)}); both map to adapters.speech")
-
-
 def load_lavis_checkpoint(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
                           ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert one LAVIS BLIP-2 ``.pth`` file (``_LAVIS_RULES`` maps every key): ``eva_vit_g.pth`` (the bare ViT;
@@ -342,14 +338,6 @@ def load_xllm_checkpoint(path: str | Path, *, image_size: int | None = None, tar
     return _convert_lavis_file(path, allow_xllm=True, image_size=image_size, target_keys=target_keys)
 
 
-def _hf_layer_norm_eps(path: Path, report: LoadReport) -> float:
-    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if not config.is_file():
-        report.notes.append(f"no config.json next to {path}: assuming the HF default eps {HF_LAYER_NORM_EPS:g}")
-        return HF_LAYER_NORM_EPS
-    return float(json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS))
-
-
 def load_hf_blip2(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
                   ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert a Hugging Face ``Blip2Model``, ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``
@@ -364,7 +352,13 @@ def load_hf_blip2(path: str | Path, *, image_size: int | None = None, target_key
     sd, llm_keys = weights.tensors, sorted(weights.skipped)
     target_keys = list(target_keys) if target_keys is not None else None
     conv = _Conversion(str(path), sd)
-    conv.report.ln_vision_eps = _hf_layer_norm_eps(path, conv.report)
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if config.is_file():
+        eps = json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS)
+    else:
+        eps = HF_LAYER_NORM_EPS
+        conv.report.notes.append(f"no config.json next to {path}: assuming the HF default eps {eps:g}")
+    conv.report.ln_vision_eps = float(eps)
     for key in llm_keys:
         conv.drop(key, _LLM_DROP_REASON)
     if llm_keys:
