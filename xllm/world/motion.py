@@ -39,18 +39,24 @@ class Motion:
         return cls(Shape(**data["mover"]), data["direction"], data["cells"], tuple(Shape(**s) for s in data["still"]))
 
 
-def shift(position: str, direction: str, cells: int) -> str:
+def _target(position: str, direction: str, cells: int) -> str | None:
+    """The cell ``cells`` steps from ``position`` in ``direction``; None off the grid."""
     index = POSITIONS.index(position)
     column, row = index % 3 + STEP[direction][0] * cells, index // 3 + STEP[direction][1] * cells
-    if not (0 <= column < 3 and 0 <= row < 3):
+    return POSITIONS[row * 3 + column] if 0 <= column < 3 and 0 <= row < 3 else None
+
+
+def shift(position: str, direction: str, cells: int) -> str:
+    end = _target(position, direction, cells)
+    if end is None:
         raise ValueError(f"moving {cells} cell(s) {direction} from {position!r} leaves the grid")
-    return POSITIONS[row * 3 + column]
+    return end
 
 
 def sample_motion(rng: random.Random, max_still: int = 1) -> Motion:
     direction = rng.choice(DIRECTIONS)
     cells = rng.choice((1, 2))
-    starts = [p for p in POSITIONS if _fits(p, direction, cells)]
+    starts = [p for p in POSITIONS if _target(p, direction, cells) is not None]
     mover = Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), rng.choice(starts))
     path = {shift(mover.position, direction, c) for c in range(cells + 1)}
     free = [p for p in POSITIONS if p not in path]
@@ -61,14 +67,6 @@ def sample_motion(rng: random.Random, max_still: int = 1) -> Motion:
             kind, colour = rng.choice(KINDS), rng.choice(COLOURS)
         still.append(Shape(kind, colour, rng.choice(SIZES), position))
     return Motion(mover, direction, cells, tuple(still))
-
-
-def _fits(position: str, direction: str, cells: int) -> bool:
-    try:
-        shift(position, direction, cells)
-    except ValueError:
-        return False
-    return True
 
 
 def motion_caption_en(motion: Motion) -> str:
