@@ -82,26 +82,22 @@ def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> ErrorCounts:
     return ErrorCounts(out.substitutions, out.deletions, out.insertions, len(ref))
 
 
-def _corpus_counts(refs: Sequence[str], hyps: Sequence[str | None], split) -> ErrorCounts:
+def _corpus_rate(refs: Sequence[str], hyps: Sequence[str | None], split) -> tuple[float, ErrorCounts]:
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses: every utterance needs one of each")
-    counts = ErrorCounts()
-    for ref, hyp in zip(refs, hyps):
-        counts = counts + edit_distance(split(ref), split(hyp or ""))
-    return counts
+    counts = sum((edit_distance(split(ref), split(hyp or "")) for ref, hyp in zip(refs, hyps)), ErrorCounts())
+    return counts.rate, counts
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str | None]) -> tuple[float, ErrorCounts]:
     """Word error rate over whitespace-separated words, and its counts. Normalise the texts first."""
-    counts = _corpus_counts(refs, hyps, str.split)
-    return counts.rate, counts
+    return _corpus_rate(refs, hyps, str.split)
 
 
 def cer(refs: Sequence[str], hyps: Sequence[str | None]) -> tuple[float, ErrorCounts]:
     """Character error rate, and its counts; spaces are not characters, in English as in Chinese (whose
     transcripts often have stray ones)."""
-    counts = _corpus_counts(refs, hyps, lambda text: [ch for ch in text if not ch.isspace()])
-    return counts.rate, counts
+    return _corpus_rate(refs, hyps, lambda text: [ch for ch in text if not ch.isspace()])
 
 
 def asr_report(references: list[str], hypotheses: list[str | None], langs: list[str]) -> dict[str, float]:

@@ -71,13 +71,10 @@ def attribute_accuracy(references: list[str], hypotheses: list[str], lang: str =
     for ref, hyp in zip(references, hypotheses):
         ref_shapes, hyp_shapes = parse_caption(ref, lang), parse_caption(hyp or "", lang)
         total += len(ref_shapes)
-        for i, shape in enumerate(ref_shapes):
-            if i < len(hyp_shapes):
-                for attribute in ATTRIBUTES:
-                    correct[attribute] += getattr(shape, attribute) == getattr(hyp_shapes[i], attribute)
-    if total == 0:
-        return {}
-    return {attribute: correct[attribute] / total for attribute in ATTRIBUTES}
+        for shape, named in zip(ref_shapes, hyp_shapes):
+            for attribute in ATTRIBUTES:
+                correct[attribute] += getattr(shape, attribute) == getattr(named, attribute)
+    return {attribute: correct[attribute] / total for attribute in ATTRIBUTES} if total else {}
 
 
 def caption_report(references: list[str], hypotheses: list[str], lang: str = "en") -> dict[str, float]:
@@ -91,8 +88,6 @@ def caption_report(references: list[str], hypotheses: list[str], lang: str = "en
 
 def format_table(report: dict[str, float], title: str) -> str:
     width = max(len(k) for k in report)
-    lines = [title, "-" * (width + 12)]
-    for key, value in report.items():
-        shown = f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}"
-        lines.append(f"{key:<{width}}  {shown}")
-    return "\n".join(lines)
+    rows = [f"{key:<{width}}  " + (f"{value:>10,}" if isinstance(value, int) else f"{value:>10.4f}")
+            for key, value in report.items()]
+    return "\n".join([title, "-" * (width + 12), *rows])

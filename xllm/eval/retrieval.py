@@ -25,8 +25,7 @@ def retrieval_report(image_to_text: torch.Tensor, text_to_image: torch.Tensor | 
     if text_to_image is None:
         text_to_image = image_to_text.T
     i2t, t2i = recall_at_k(image_to_text, ks), recall_at_k(text_to_image, ks)
-    report = {f"{prefix}i2t_r@{k}": v for k, v in i2t.items()}
-    report.update({f"{prefix}t2i_r@{k}": v for k, v in t2i.items()})
+    report = {f"{prefix}{way}_r@{k}": v for way, recalls in (("i2t", i2t), ("t2i", t2i)) for k, v in recalls.items()}
     if 1 in ks:
         report[f"{prefix}mean_r@1"] = (i2t[1] + t2i[1]) / 2
     return report

@@ -7,10 +7,9 @@ Kaldi-style filterbanks most CTC/CIF ASR models were trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -43,10 +42,8 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} does not exist")
-    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
-        channels, sample_rate = _read_soundfile(path)
-    else:
-        channels, sample_rate = _read_av(path)
+    read = _read_soundfile if path.suffix.lower() in SOUNDFILE_SUFFIXES else _read_av
+    channels, sample_rate = read(path)
     return resample(channels.mean(axis=0, dtype=np.float32), sample_rate, target_sr)
 
 
@@ -63,8 +60,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     frame = av.AudioFrame.from_ndarray(audio[None, :], format="fltp", layout="mono")
     frame.sample_rate = orig_sr
     # Passing None flushes the filter's tail, without which the last few milliseconds are lost.
-    out = [f.to_ndarray()[0] for f in resampler.resample(frame)]
-    out += [f.to_ndarray()[0] for f in resampler.resample(None)]
+    out = [f.to_ndarray()[0] for frames in (resampler.resample(frame), resampler.resample(None)) for f in frames]
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
@@ -90,10 +86,8 @@ def _check_wav_complete(path: Path) -> None:
             if chunk_id == b"data":
                 # 0 and 0xFFFFFFFF mean "length unknown" (streamed writers, RF64).
                 if chunk_size not in (0, 0xFFFFFFFF) and offset + 8 + chunk_size > size:
-                    raise ValueError(
-                        f"audio file {path} is truncated: its data chunk declares {chunk_size} bytes "
-                        f"but only {size - offset - 8} are present"
-                    )
+                    raise ValueError(f"audio file {path} is truncated: its data chunk declares {chunk_size} bytes "
+                                     f"but only {size - offset - 8} are present")
                 return
             offset += 8 + chunk_size + (chunk_size & 1)
 
@@ -107,9 +101,7 @@ def _read_av(path: Path) -> tuple[np.ndarray, int]:
             sample_rate = stream.codec_context.sample_rate
             # Planar float at the native rate and layout: one row per channel, mixing is done by the caller.
             to_float = AudioResampler(format="fltp")
-            chunks = []
-            for frame in container.decode(stream):
-                chunks += [f.to_ndarray() for f in to_float.resample(frame)]
+            chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
             declared = container.duration / av.time_base if container.duration else None
     except av.error.FFmpegError as error:
         raise ValueError(f"cannot decode audio file {path}: {error}") from error
@@ -127,9 +119,8 @@ def is_silent(audio: np.ndarray) -> bool:
     return audio.size > 0 and float(np.abs(audio).max()) < SILENCE_PEAK
 
 
-def log_mel(
-    audio: np.ndarray, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, pad_to_seconds: float | None = None
-) -> torch.Tensor:
+def log_mel(audio: np.ndarray, n_mels: int = 80, sample_rate: int = SAMPLE_RATE,
+            pad_to_seconds: float | None = None) -> torch.Tensor:
     """Whisper's log-mel spectrogram, [n_mels, len(audio) // 160] (10 ms frames).
 
     Identical to ``WhisperFeatureExtractor`` with ``padding="longest"``; with ``pad_to_seconds=30`` identical
@@ -141,19 +132,11 @@ def log_mel(
         if audio.size > target:
             raise ValueError(f"audio of {audio.size / sample_rate:.2f} s does not fit pad_to_seconds={pad_to_seconds}")
         audio = np.pad(audio, (0, target - audio.size))
-    if audio.size < WHISPER_N_FFT:
-        audio = np.pad(audio, (0, WHISPER_N_FFT - audio.size))
-    spec = spectrogram(
-        audio,
-        window_function(WHISPER_N_FFT, "hann"),
-        frame_length=WHISPER_N_FFT,
-        hop_length=WHISPER_HOP,
-        power=2.0,
-        mel_filters=mel_filter_bank(num_frequency_bins=1 + WHISPER_N_FFT // 2, num_mel_filters=n_mels,
-                                    min_frequency=0.0, max_frequency=8000.0, sampling_rate=sample_rate,
-                                    norm="slaney", mel_scale="slaney"),
-        log_mel="log10",
-    )
+    mel_filters = mel_filter_bank(num_frequency_bins=1 + WHISPER_N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
+                                  max_frequency=8000.0, sampling_rate=sample_rate, norm="slaney", mel_scale="slaney")
+    spec = spectrogram(np.pad(audio, (0, max(WHISPER_N_FFT - audio.size, 0))), window_function(WHISPER_N_FFT, "hann"),
+                       frame_length=WHISPER_N_FFT, hop_length=WHISPER_HOP, power=2.0, mel_filters=mel_filters,
+                       log_mel="log10")
     # Whisper drops the last centred frame, clips the dynamic range to 80 dB below the loudest bin and
     # rescales to roughly [-1, 1].
     spec = spec[:, :-1]
@@ -170,24 +153,14 @@ def fbank(audio: np.ndarray, num_mel_bins: int = 80, sample_rate: int = SAMPLE_R
     """
     audio = _checked_waveform(audio)
     frame_length = sample_rate * 25 // 1000
-    if audio.size < frame_length:
-        audio = np.pad(audio, (0, frame_length - audio.size))
-    spec = spectrogram(
-        audio * 32768.0,
-        window_function(frame_length, "povey", periodic=False),
-        frame_length=frame_length,
-        hop_length=sample_rate // 100,
-        fft_length=512,
-        power=2.0,
-        center=False,
-        preemphasis=0.97,
-        mel_filters=mel_filter_bank(num_frequency_bins=257, num_mel_filters=num_mel_bins, min_frequency=20.0,
-                                    max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm=None,
-                                    mel_scale="kaldi", triangularize_in_mel_space=True),
-        log_mel="log",
-        mel_floor=float(np.finfo(np.float32).eps),
-        remove_dc_offset=True,
-    )
+    mel_filters = mel_filter_bank(num_frequency_bins=257, num_mel_filters=num_mel_bins, min_frequency=20.0,
+                                  max_frequency=sample_rate / 2, sampling_rate=sample_rate, norm=None,
+                                  mel_scale="kaldi", triangularize_in_mel_space=True)
+    spec = spectrogram(np.pad(audio, (0, max(frame_length - audio.size, 0))) * 32768.0,
+                       window_function(frame_length, "povey", periodic=False), frame_length=frame_length,
+                       hop_length=sample_rate // 100, fft_length=512, power=2.0, center=False, preemphasis=0.97,
+                       mel_filters=mel_filters, log_mel="log", mel_floor=float(np.finfo(np.float32).eps),
+                       remove_dc_offset=True)
     return torch.from_numpy(spec.astype(np.float32))
 
 
@@ -237,17 +210,16 @@ class AudioProcessor(AudioConfig):
 
     @classmethod
     def from_config(cls, cfg: "AudioProcessor.Config | Mapping") -> "AudioProcessor":
-        options = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+        options = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
         options.pop("name", None)  # a config block's registry name, not an option
-        known = [f.name for f in dataclasses.fields(cls.Config)]
+        known = [f.name for f in fields(cls.Config)]
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise ValueError(f"unknown audio processor option(s) {unknown}; known: {known}")
         return cls(**options)
 
-    def __call__(
-        self, path_or_array: str | Path | np.ndarray, utt_id: str | None = None, sample_rate: int | None = None
-    ) -> torch.Tensor:
+    def __call__(self, path_or_array: str | Path | np.ndarray, utt_id: str | None = None,
+                 sample_rate: int | None = None) -> torch.Tensor:
         if isinstance(path_or_array, (str, Path)):
             source = str(path_or_array)
             audio = load_audio(path_or_array, self.sample_rate)
@@ -265,15 +237,12 @@ class AudioProcessor(AudioConfig):
             if key not in self.silent_utterances:
                 self.silent_utterances.add(key)
                 logger.warning("%s: audio is all silence", name)
-        if self.feature == "log_mel":
-            return log_mel(audio, self.n_mels, self.sample_rate)
-        return fbank(audio, self.n_mels, self.sample_rate)
+        features = log_mel if self.feature == "log_mel" else fbank
+        return features(audio, self.n_mels, self.sample_rate)
 
     def _limit_length(self, audio: np.ndarray, name: str) -> np.ndarray:
-        if self.max_seconds is None:
-            return audio
-        limit = int(self.max_seconds * self.sample_rate)
-        if audio.size <= limit:
+        limit = None if self.max_seconds is None else int(self.max_seconds * self.sample_rate)
+        if limit is None or audio.size <= limit:
             return audio
         seconds = audio.size / self.sample_rate
         if self.on_too_long == "error":

@@ -47,8 +47,7 @@ class ImageProcessor:
         """A [3, size, size] float tensor from a PIL image or an image file."""
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        image = image.convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        # Resizing to the size an image has already gives it back unchanged.
+        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         return (pixels - self.mean) / self.std

@@ -17,7 +17,4 @@ class TextProcessor:
         self.max_words = max_words
 
     def __call__(self, text: str) -> str:
-        words = text.split()
-        if self.max_words is not None:
-            words = words[: self.max_words]
-        return " ".join(words)
+        return " ".join(text.split()[: self.max_words])

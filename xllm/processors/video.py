@@ -48,19 +48,8 @@ def fps_indices(timestamps: list[float], fps: float, count: int) -> list[int]:
     return chosen
 
 
-def _pad_short(frames: list[Image.Image], count: int, path: Path, on_short: str) -> list[Image.Image]:
-    if len(frames) >= count:
-        return frames
-    if not frames:
-        raise VideoError(f"video file {path} holds no decodable frame")
-    if on_short == "error":
-        raise VideoError(f"video file {path} gives {len(frames)} frame(s) but {count} were asked for "
-                         "(on_short: repeat pads with the last frame)")
-    return frames + [frames[-1]] * (count - len(frames))
-
-
-def _decode_pyav(path: Path) -> tuple[list, list[float]]:
-    """Every frame of the first video stream (as PyAV frames) and its presentation time in seconds."""
+def _read_pyav(path: Path, count: int, sampling: str, fps: float | None) -> list[Image.Image]:
+    """Decodes every frame of the first video stream, with its presentation time in seconds, and samples them."""
     import av
 
     try:
@@ -88,15 +77,7 @@ def _decode_pyav(path: Path) -> tuple[list, list[float]]:
             # A damaged tail still leaves the frames before it; the short-clip rule decides what happens next.
     if not frames:
         raise VideoError(f"video file {path} holds no decodable frame (codec {stream.codec_context.name!r})")
-    return frames, times
-
-
-def _read_pyav(path: Path, count: int, sampling: str, fps: float | None) -> list[Image.Image]:
-    frames, times = _decode_pyav(path)
-    if sampling == "fps":
-        indices = fps_indices(times, fps, count)
-    else:
-        indices = uniform_indices(len(frames), count)
+    indices = fps_indices(times, fps, count) if sampling == "fps" else uniform_indices(len(frames), count)
     return [frames[i].to_image() for i in indices]
 
 
@@ -111,30 +92,34 @@ def _read_decord(path: Path, count: int, sampling: str, fps: float | None) -> li
     try:
         reader = decord.VideoReader(str(path))
     except (decord.DECORDError, RuntimeError) as error:  # a file FFmpeg cannot parse raises a bare RuntimeError
-        reason = str(error).splitlines()[0]
-        if "cannot find video stream" in str(error):
-            reason = "no video stream"
+        reason = "no video stream" if "cannot find video stream" in str(error) else str(error).splitlines()[0]
         raise VideoError(f"cannot open video file {path} with decord: {reason}") from None
-    total = len(reader)
     if sampling == "uniform":
-        indices = uniform_indices(total, count)
+        indices = uniform_indices(len(reader), count)
     else:
         rate = reader.get_avg_fps()
-        indices = fps_indices([i / rate for i in range(total)], fps, count)
+        indices = fps_indices([i / rate for i in range(len(reader))], fps, count)
     return [Image.fromarray(array) for array in reader.get_batch(indices).asnumpy()]
 
 
 def read_frames(path: str | Path, num_frames: int, sampling: str = "uniform", fps: float | None = None,
                 backend: str = "pyav", on_short: str = "repeat") -> list[Image.Image]:
-    """``num_frames`` RGB frames of a video file, sampled as described in the module docstring."""
+    """``num_frames`` RGB frames of a video file, sampled and padded as described in the module docstring."""
     # sampling, backend and on_short are checked where the config loads (their fields' choices)
     if sampling == "fps" and not fps:
         raise ValueError("video sampling 'fps' needs a positive 'fps'")
     if num_frames < 1:
         raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     path = Path(path)
-    read = _read_pyav if backend == "pyav" else _read_decord
-    return _pad_short(read(path, num_frames, sampling, fps), num_frames, path, on_short)
+    frames = (_read_pyav if backend == "pyav" else _read_decord)(path, num_frames, sampling, fps)
+    if len(frames) >= num_frames:
+        return frames
+    if not frames:
+        raise VideoError(f"video file {path} holds no decodable frame")
+    if on_short == "error":
+        raise VideoError(f"video file {path} gives {len(frames)} frame(s) but {num_frames} were asked for "
+                         "(on_short: repeat pads with the last frame)")
+    return frames + [frames[-1]] * (num_frames - len(frames))
 
 
 @register_processor("video")

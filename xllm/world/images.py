@@ -10,20 +10,15 @@ Test scenes never repeat a training scene, so held-out scores measure generalisa
 
 from __future__ import annotations
 
-import json
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
 
-from xllm.common.paths import is_current, mark_current
-from xllm.world.splits import SPLITS, unique_draws
+from xllm.world.splits import SPLITS, unique_draws, write_splits
 from xllm.world.render import RENDER_VERSION, render
 from xllm.world.scenes import Scene, caption_en, caption_zh, question_answers, sample_scene
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,35 +38,23 @@ def generate_records(spec: WorldImageSpec) -> dict[str, list[dict]]:
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for split, index, scene, rng in unique_draws(spec, f"{spec.seed}/", lambda rng: sample_scene(rng, spec.max_shapes)):
         image_id = f"{split}_{index:06d}"
-        records[split].append({
-            "image": f"images/{split}/{image_id}.png",
-            "caption": caption_en(scene),
-            "image_id": image_id,
-            "caption_zh": caption_zh(scene),
-            "scene": scene.to_dict(),
-            "qa": [list(pair) for pair in question_answers(scene, rng)],
-            "render_seed": rng.randrange(2**31),
-        })
+        records[split].append({"image": f"images/{split}/{image_id}.png", "caption": caption_en(scene),
+                               "image_id": image_id, "caption_zh": caption_zh(scene), "scene": scene.to_dict(),
+                               "qa": [list(pair) for pair in question_answers(scene, rng)],
+                               "render_seed": rng.randrange(2**31)})
     return records
 
 
 def write_world_images(spec: WorldImageSpec, root: Path) -> None:
-    """Renders every split under ``root``; a ``world.json`` marker written last says the folder is complete."""
-    root = Path(root)
-    marker = root / "world.json"
-    if is_current(marker, spec):
-        return
-    log.info("writing the synthetic world (%s) to %s", spec, root)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / "shards").mkdir(exist_ok=True)
-    for split, rows in generate_records(spec).items():
+    """Renders every split under ``root``, as PNG files and as shards (see ``write_splits``)."""
+    def write_files(root: Path, split: str, rows: list[dict]) -> None:
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        pattern = str(root / "shards" / f"{split}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=spec.shard_size, verbose=0) as sink:
+        (root / "shards").mkdir(exist_ok=True)
+        with wds.ShardWriter(str(root / "shards" / f"{split}-%06d.tar"), maxcount=spec.shard_size, verbose=0) as sink:
             for row in rows:
                 image = render(Scene.from_dict(row["scene"]), spec.image_size, random.Random(row["render_seed"]))
                 image.save(root / row["image"])
                 extras = {k: row[k] for k in ("caption_zh", "scene", "qa", "image_id")}
                 sink.write({"__key__": row["image_id"], "png": image, "txt": row["caption"], "json": extras})
-        (root / "annotations" / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
-    mark_current(marker, spec)
+
+    write_splits(spec, root, "images", generate_records, write_files, ensure_ascii=False, indent=0)

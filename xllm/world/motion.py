@@ -39,18 +39,24 @@ class Motion:
         return cls(Shape(**data["mover"]), data["direction"], data["cells"], tuple(Shape(**s) for s in data["still"]))
 
 
-def shift(position: str, direction: str, cells: int) -> str:
+def _target(position: str, direction: str, cells: int) -> str | None:
+    """The cell ``cells`` steps from ``position`` in ``direction``; None off the grid."""
     index = POSITIONS.index(position)
     column, row = index % 3 + STEP[direction][0] * cells, index // 3 + STEP[direction][1] * cells
-    if not (0 <= column < 3 and 0 <= row < 3):
+    return POSITIONS[row * 3 + column] if 0 <= column < 3 and 0 <= row < 3 else None
+
+
+def shift(position: str, direction: str, cells: int) -> str:
+    end = _target(position, direction, cells)
+    if end is None:
         raise ValueError(f"moving {cells} cell(s) {direction} from {position!r} leaves the grid")
-    return POSITIONS[row * 3 + column]
+    return end
 
 
 def sample_motion(rng: random.Random, max_still: int = 1) -> Motion:
     direction = rng.choice(DIRECTIONS)
     cells = rng.choice((1, 2))
-    starts = [p for p in POSITIONS if _fits(p, direction, cells)]
+    starts = [p for p in POSITIONS if _target(p, direction, cells) is not None]
     mover = Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), rng.choice(starts))
     path = {shift(mover.position, direction, c) for c in range(cells + 1)}
     free = [p for p in POSITIONS if p not in path]
@@ -61,14 +67,6 @@ def sample_motion(rng: random.Random, max_still: int = 1) -> Motion:
             kind, colour = rng.choice(KINDS), rng.choice(COLOURS)
         still.append(Shape(kind, colour, rng.choice(SIZES), position))
     return Motion(mover, direction, cells, tuple(still))
-
-
-def _fits(position: str, direction: str, cells: int) -> bool:
-    try:
-        shift(position, direction, cells)
-    except ValueError:
-        return False
-    return True
 
 
 def motion_caption_en(motion: Motion) -> str:
@@ -85,23 +83,19 @@ _MOTION_EN = re.compile(
 _MOTION_ZH = re.compile(
     f"(?P<colour>{'|'.join(COLOUR_ZH.values())})(?P<kind>{'|'.join(KIND_ZH.values())})"
     f"(?P<direction>{'|'.join(DIRECTION_ZH.values())})移动")
-_FROM_ZH = {zh: en for table in (COLOUR_ZH, KIND_ZH, DIRECTION_ZH) for en, zh in table.items()}
+# Per language: the grammar, the text it reads (English lower-cased) and the English words of its phrases.
+_GRAMMARS = {"en": (_MOTION_EN, str.lower, {v: k for k, v in DIRECTION_EN.items()}),
+             "zh": (_MOTION_ZH, str, {zh: en for table in (COLOUR_ZH, KIND_ZH, DIRECTION_ZH)
+                                      for en, zh in table.items()})}
 
 
 def parse_motion(text: str, lang: str = "en") -> tuple[str, str, str] | None:
     """(colour, kind, direction) of the first motion a caption states, or None when none follows the grammar."""
-    if lang == "en":
-        found = _MOTION_EN.search(text.lower())
-        if found is None:
-            return None
-        direction = {v: k for k, v in DIRECTION_EN.items()}[found["direction"]]
-        return found["colour"], found["kind"], direction
-    if lang == "zh":
-        found = _MOTION_ZH.search(text)
-        if found is None:
-            return None
-        return (_FROM_ZH[found["colour"]], _FROM_ZH[found["kind"]], _FROM_ZH[found["direction"]])
-    raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+    if lang not in _GRAMMARS:
+        raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+    grammar, read, english = _GRAMMARS[lang]
+    found = grammar.search(read(text))
+    return None if found is None else tuple(english.get(found[k], found[k]) for k in ("colour", "kind", "direction"))
 
 
 def motion_report(references: list[str], hypotheses: list[str], lang: str = "en") -> dict[str, float]:
@@ -113,9 +107,7 @@ def motion_report(references: list[str], hypotheses: list[str], lang: str = "en"
         truth, guess = parse_motion(ref, lang), parse_motion(hyp or "", lang)
         if truth is None:
             raise ValueError(f"reference caption {ref!r} does not follow the motion grammar")
-        if guess is not None:
-            scores["colour"] += guess[0] == truth[0]
-            scores["kind"] += guess[1] == truth[1]
-            scores["direction"] += guess[2] == truth[2]
+        for name, said, right in zip(("colour", "kind", "direction"), guess or (), truth):
+            scores[name] += said == right
     count = max(len(references), 1)
     return {f"accuracy_{k}": v / count for k, v in scores.items()}

@@ -31,13 +31,9 @@ def shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float
         return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
                 (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
                 (cx - r, cy - t), (cx - t, cy - t)]
-    if kind == "star":
-        points = []
-        for i in range(10):
-            radius = r if i % 2 == 0 else r * 0.45
-            angle = -math.pi / 2 + i * math.pi / 5
-            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-        return points
+    if kind == "star":  # ten vertices from the top, alternately at the full and at 0.45 of the radius
+        spokes = [(r if i % 2 == 0 else r * 0.45, -math.pi / 2 + i * math.pi / 5) for i in range(10)]
+        return [(cx + radius * math.cos(angle), cy + radius * math.sin(angle)) for radius, angle in spokes]
     if kind == "circle":
         return None
     raise ValueError(f"unknown shape kind {kind!r}")

@@ -57,10 +57,8 @@ class Scene:
 def sample_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     count = rng.randint(1, max_shapes)
     cells = sorted(rng.sample(range(len(POSITIONS)), count))
-    shapes = tuple(
-        Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), POSITIONS[cell]) for cell in cells
-    )
-    return Scene(shapes)
+    return Scene(tuple(Shape(rng.choice(KINDS), rng.choice(COLOURS), rng.choice(SIZES), POSITIONS[cell])
+                       for cell in cells))
 
 
 def caption_en(scene: Scene) -> str:
@@ -88,26 +86,21 @@ def _alternatives(table: dict[str, str]) -> str:
 
 
 _SHAPE_EN = re.compile(f"(?P<size>{'|'.join(SIZES)}) (?P<colour>{'|'.join(COLOURS)}) (?P<kind>{'|'.join(KINDS)}) "
-                       f"(?P<phrase>{_alternatives(POSITION_PHRASE_EN)})")
-_PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASE_EN.items()}
-
-_SHAPE_ZH = re.compile(
-    f"(?P<position>{_alternatives(POSITION_ZH)})有一个(?P<size>{_alternatives(SIZE_ZH)})的"
-    f"(?P<colour>{_alternatives(COLOUR_ZH)})(?P<kind>{_alternatives(KIND_ZH)})"
-)
-_FROM_ZH = {zh: en for table in (KIND_ZH, COLOUR_ZH, SIZE_ZH, POSITION_ZH) for en, zh in table.items()}
+                       f"(?P<position>{_alternatives(POSITION_PHRASE_EN)})")
+_SHAPE_ZH = re.compile(f"(?P<position>{_alternatives(POSITION_ZH)})有一个(?P<size>{_alternatives(SIZE_ZH)})的"
+                       f"(?P<colour>{_alternatives(COLOUR_ZH)})(?P<kind>{_alternatives(KIND_ZH)})")
+# Per language: the grammar, the text it reads (English lower-cased) and the English words of its phrases.
+_GRAMMARS = {"en": (_SHAPE_EN, str.lower, {v: k for k, v in POSITION_PHRASE_EN.items()}),
+             "zh": (_SHAPE_ZH, str, {zh: en for table in (KIND_ZH, COLOUR_ZH, SIZE_ZH, POSITION_ZH)
+                                     for en, zh in table.items()})}
 
 
 def parse_caption(text: str, lang: str = "en") -> list[Shape]:
     """Shapes a caption mentions, in order; fragments that do not follow the grammar are ignored."""
-    if lang == "en":
-        return [
-            Shape(m["kind"], m["colour"], m["size"], _PHRASE_TO_POSITION[m["phrase"]])
-            for m in _SHAPE_EN.finditer(text.lower())
-        ]
-    if lang == "zh":
-        return [Shape(*(_FROM_ZH[m[name]] for name in ATTRIBUTES)) for m in _SHAPE_ZH.finditer(text)]
-    raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+    if lang not in _GRAMMARS:
+        raise ValueError(f"unknown caption language {lang!r}; known: en, zh")
+    grammar, read, english = _GRAMMARS[lang]
+    return [Shape(*(english.get(m[name], m[name]) for name in ATTRIBUTES)) for m in grammar.finditer(read(text))]
 
 
 def question_answers(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:

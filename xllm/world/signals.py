@@ -6,17 +6,12 @@ Each record holds ``id``, ``signal`` ([steps][channels] readings in natural unit
 
 from __future__ import annotations
 
-import json
-import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from xllm.common.paths import is_current, mark_current
-from xllm.world.splits import SPLITS, split_size
+from xllm.world.splits import SPLITS, split_size, write_splits
 from xllm.world.device import CHANNELS, STATES, answer, sample_status
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,25 +24,15 @@ class WorldSignalSpec:
 
 
 def generate_records(spec: WorldSignalSpec) -> dict[str, list[dict]]:
-    records = {}
+    records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for split_index, split in enumerate(SPLITS):
         rng = random.Random(f"signal/{spec.seed}/{split_index}")
-        rows = []
         for index in range(split_size(spec, split)):
             state, series = sample_status(rng, spec.steps)
-            rows.append({"id": f"{split}_{index:06d}", "signal": series, "channels": list(CHANNELS),
-                         "state": state, "answer": answer(state), "command": STATES[state][1]})
-        records[split] = rows
+            records[split].append({"id": f"{split}_{index:06d}", "signal": series, "channels": list(CHANNELS),
+                                   "state": state, "answer": answer(state), "command": STATES[state][1]})
     return records
 
 
 def write_world_signals(spec: WorldSignalSpec, root: Path) -> None:
-    root = Path(root)
-    marker = root / "world.json"
-    if is_current(marker, spec):
-        return
-    log.info("writing the synthetic world's device status (%s) to %s", spec, root)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, rows in generate_records(spec).items():
-        (root / "annotations" / f"{split}.json").write_text(json.dumps(rows))
-    mark_current(marker, spec)
+    write_splits(spec, root, "device status", generate_records)

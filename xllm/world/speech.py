@@ -47,19 +47,13 @@ MIN_SECONDS = 0.1
 INSTALL_HINT = "install it with `apt-get install espeak-ng` (Debian/Ubuntu) or `brew install espeak-ng` (macOS)"
 
 
-def espeak_binary() -> str:
-    """Path of espeak-ng, or a RuntimeError saying how to install it."""
-    binary = shutil.which("espeak-ng")
-    if binary is None:
-        raise RuntimeError(f"espeak-ng is not on PATH; the synthetic world's speech needs it: {INSTALL_HINT}")
-    return binary
-
-
 def synthesize(utterances: Sequence[tuple[str, str, str]], out_dir: str | Path,
                voices: Mapping[str, Sequence[str]] | None = None, seed: int = 0, held_out_voice: str | None = None,
                workers: int = 4) -> dict[str, list[dict]]:
     """Speak ``(utt_id, text, lang)`` utterances (lang "en" or "zh") and write the corpus; returns split -> entries."""
-    binary = espeak_binary()
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        raise RuntimeError(f"espeak-ng is not on PATH; the synthetic world's speech needs it: {INSTALL_HINT}")
     voices = {lang: tuple(names) for lang, names in (voices or DEFAULT_VOICES).items()}
     _check_inputs(utterances, voices, held_out_voice)
     out_dir = Path(out_dir)
@@ -93,9 +87,8 @@ def _check_inputs(utterances, voices: dict[str, tuple[str, ...]], held_out_voice
             raise ValueError(f"utterance id {utt_id!r} appears twice")
         seen.add(utt_id)
         if lang not in voices or not voices[lang]:
-            raise ValueError(
-                f"utterance {utt_id!r}: no voices for lang {lang!r}; voices are given for {sorted(voices)}"
-            )
+            raise ValueError(f"utterance {utt_id!r}: no voices for lang {lang!r}; voices are given for "
+                             f"{sorted(voices)}")
         if not text.strip():
             raise ValueError(f"utterance {utt_id!r}: text is empty")
     all_voices = {v for names in voices.values() for v in names}
@@ -106,17 +99,9 @@ def _check_inputs(utterances, voices: dict[str, tuple[str, ...]], held_out_voice
 def _choose_voice(utt_id: str, text: str, lang: str, voices: tuple[str, ...], seed: int) -> dict:
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms.
     rng = random.Random(f"{seed}/{utt_id}")
-    voice = rng.choice(voices)
-    return {
-        "id": utt_id,
-        "audio": f"wav/{utt_id}.wav",
-        # One line per utterance, as Kaldi tables require.
-        "text": " ".join(text.split()),
-        "lang": lang,
-        "speaker": voice,
-        "speed": rng.choice(SPEEDS),
-        "pitch": rng.choice(PITCHES),
-    }
+    # The text on one line, as Kaldi tables require; the voice, speed and pitch drawn in that order.
+    return {"id": utt_id, "audio": f"wav/{utt_id}.wav", "text": " ".join(text.split()), "lang": lang,
+            "speaker": rng.choice(voices), "speed": rng.choice(SPEEDS), "pitch": rng.choice(PITCHES)}
 
 
 def _speak(binary: str, entry: dict, out_dir: Path) -> None:
@@ -141,6 +126,5 @@ def _write_split(out_dir: Path, split: str, entries: list[dict]) -> None:
     (split_dir / "wav.scp").write_text("".join(f"{e['id']} ../{e['audio']}\n" for e in entries), encoding="utf-8")
     (split_dir / "text").write_text("".join(f"{e['id']} {e['text']}\n" for e in entries), encoding="utf-8")
     (split_dir / "utt2spk").write_text("".join(f"{e['id']} {e['speaker']}\n" for e in entries), encoding="utf-8")
-    with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    (out_dir / f"{split}.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries),
+                                            encoding="utf-8")

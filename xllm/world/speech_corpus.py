@@ -5,9 +5,7 @@ scene's split and language (``train-000012-en``, ``val-000003-zh``). ``speech.sy
 utterance of the held-out voice under ``test`` and the rest under ``train``; readers take the ``train``
 manifest's ``val-`` utterances as the validation split. So the test split is one English voice that no
 model ever heard, speaking scenes of both pools. ``spoken_scenes`` gives the scene each utterance describes
-(multimodal ASR shows its picture).
-
-Like ``images.py``, a folder is complete when its ``corpus.json`` marker (the spec) is there, written last.
+(multimodal ASR shows its picture). A folder is complete when its ``corpus.json`` marker is there, written last.
 """
 
 from __future__ import annotations
@@ -53,18 +51,14 @@ def utterances(spec: WorldSpeechSpec) -> list[tuple[str, str, str]]:
     return [(utt_id, caption(scene, lang), lang) for utt_id, scene, lang in spoken_scenes(spec)]
 
 
-def corpus_dir(spec: WorldSpeechSpec) -> Path:
-    return cache_dir() / "world" / f"speech-{spec_digest(spec)}"
-
-
-def ensure_corpus(spec: WorldSpeechSpec, root: Path | None = None, workers: int = 2) -> Path:
+def ensure_corpus(spec: WorldSpeechSpec, root: Path | None = None) -> Path:
     """The corpus folder (``<cache>/world/speech-<digest>`` unless ``root``), synthesised on first use."""
-    root = Path(root) if root is not None else corpus_dir(spec)
+    root = Path(root) if root is not None else cache_dir() / "world" / f"speech-{spec_digest(spec)}"
     marker = root / "corpus.json"
     if is_current(marker, spec):
         return root
     log.info("synthesising the world's speech (%s) into %s", spec, root)
-    synthesize(utterances(spec), root, seed=spec.seed, held_out_voice=spec.held_out_voice, workers=workers)
+    synthesize(utterances(spec), root, seed=spec.seed, held_out_voice=spec.held_out_voice, workers=2)
     mark_current(marker, spec)
     return root
 

@@ -7,8 +7,6 @@ files live under ``videos/{split}/``. Test clips never repeat a training clip's 
 
 from __future__ import annotations
 
-import json
-import logging
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -18,12 +16,9 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xllm.common.paths import is_current, mark_current
-from xllm.world.splits import SPLITS, unique_draws
+from xllm.world.splits import SPLITS, unique_draws, write_splits
 from xllm.world.motion import Motion, motion_caption_en, motion_caption_zh, sample_motion
 from xllm.world.render import RENDER_VERSION, cell_center, draw_shape
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,19 +81,14 @@ def write_mp4(frames: list[Image.Image], path: Path, fps: int) -> None:
 
 
 def write_world_videos(spec: WorldVideoSpec, root: Path) -> None:
-    """Renders and encodes every split under ``root``; ``world.json`` written last marks the folder complete."""
-    root = Path(root)
-    marker = root / "world.json"
-    if is_current(marker, spec):
-        return
+    """Renders and encodes every split under ``root`` (see ``write_splits``)."""
     if spec.image_size % 2:
         raise ValueError(f"world video image_size must be even for H.264, got {spec.image_size}")
-    log.info("writing the synthetic world's videos (%s) to %s", spec, root)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, rows in generate_records(spec).items():
+
+    def write_files(root: Path, split: str, rows: list[dict]) -> None:
         for row in rows:
             frames = render_frames(Motion.from_dict(row["motion"]), spec.image_size, spec.num_frames,
                                    random.Random(row["render_seed"]))
             write_mp4(frames, root / row["video"], spec.fps)
-        (root / "annotations" / f"{split}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
-    mark_current(marker, spec)
+
+    write_splits(spec, root, "videos", generate_records, write_files, ensure_ascii=False, indent=0)

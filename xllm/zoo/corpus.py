@@ -48,8 +48,7 @@ def conversations(rng: random.Random) -> list[tuple[str, str]]:
     if kind < 0.65:
         return [(rng.choice(DESCRIBE_EN), caption_en(scene))]
     qa = question_answers(scene, rng)
-    turns = [(f"{caption_en(scene)} {qa[0][0]}", qa[0][1])]
-    return turns + [(q, a) for q, a in qa[1:] if rng.random() < 0.5]
+    return [(f"{caption_en(scene)} {qa[0][0]}", qa[0][1])] + [(q, a) for q, a in qa[1:] if rng.random() < 0.5]
 
 
 def motion_document(rng: random.Random) -> list[tuple[str, str]]:
@@ -103,12 +102,7 @@ def copy_drill(rng: random.Random) -> list[tuple[str, str]]:
 def world_documents(rng: random.Random) -> list[tuple[str, str]]:
     """One document of the tiny LLM's pre-training corpus."""
     kind = rng.random()
-    if kind < 0.5:
-        return copy_drill(rng)
-    if kind < 0.75:
-        return conversations(rng)
-    if kind < 0.85:
-        return motion_document(rng)
-    if kind < 0.92:
-        return device_document(rng)
+    for below, document in ((0.5, copy_drill), (0.75, conversations), (0.85, motion_document), (0.92, device_document)):
+        if kind < below:
+            return document(rng)
     return dialogue_document(rng)

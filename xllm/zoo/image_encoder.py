@@ -44,8 +44,7 @@ class GridProbe(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        cells = len(POSITIONS)
-        self.pool = nn.Linear(width, cells)
+        self.pool = nn.Linear(width, len(POSITIONS))  # one query per grid cell
         self.colour = nn.Linear(width, len(COLOURS) + 1)
         self.kind = nn.Linear(width, len(KINDS) + 1)
         self.size = nn.Linear(width, len(SIZES) + 1)
@@ -60,23 +59,19 @@ def grid_labels(scene) -> torch.Tensor:
     """[cells, 3] class ids (colour, kind, size); 0 means the cell is empty."""
     labels = torch.zeros(len(POSITIONS), 3, dtype=torch.long)
     for shape in scene.shapes:
-        cell = POSITIONS.index(shape.position)
-        labels[cell] = torch.tensor([COLOURS.index(shape.colour) + 1, KINDS.index(shape.kind) + 1,
+        labels[POSITIONS.index(shape.position)] = torch.tensor([COLOURS.index(shape.colour) + 1, KINDS.index(shape.kind) + 1,
                                      SIZES.index(shape.size) + 1])
     return labels
 
 
 def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRecipe()) -> None:
     torch.manual_seed(recipe.seed)
-    config = Blip2VisionConfig(
+    model = Blip2VisionModel(Blip2VisionConfig(
         image_size=recipe.image_size, patch_size=recipe.patch_size, hidden_size=recipe.hidden_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
-        intermediate_size=recipe.intermediate_size, initializer_range=0.02)
-    model = Blip2VisionModel(config)
+        intermediate_size=recipe.intermediate_size, initializer_range=0.02))
     probe = GridProbe(recipe.hidden_size)
     processor = ImageProcessor(recipe.image_size)
-    params = list(model.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.05)
     rng = random.Random(f"encoder/{recipe.seed}")
 
     def step_loss(step: int) -> StepLoss:
@@ -88,7 +83,6 @@ def build_image_encoder(folder: Path, recipe: TinyEncoderRecipe = TinyEncoderRec
         accuracy = (logits[1].argmax(-1) == labels[..., 1]).float().mean().item()
         return loss, {"cell-kind acc": accuracy}
 
-    model.train()
-    train("tiny image encoder", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
-    model.eval()
+    train("tiny image encoder", [model, probe], recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss,
+          weight_decay=0.05)
     model.save_pretrained(folder)

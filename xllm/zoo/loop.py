@@ -1,5 +1,5 @@
-"""The training loop of every zoo builder: scheduled updates on gradients clipped to norm 1, with a progress bar
-and a log."""
+"""The training loop of every zoo builder: scheduled AdamW updates on gradients clipped to norm 1, with a progress
+bar and a log."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -32,10 +33,15 @@ class Schedule:
         return self.lr * lr_factor(step, total, self.warmup, "cosine", 0.0, warmup_from_zero=self.warmup_from_zero)
 
 
-def train(name: str, params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer, steps: int,
-          schedule: Schedule, step_loss: Callable[[int], StepLoss], log_every: int = 100) -> None:
-    """Makes ``steps`` clipped updates of ``params``, step ``k`` (from 0) on the loss ``step_loss(k)``, logging
-    every ``log_every`` steps and at the last (through the progress bar, so that it does not break the bar's line)."""
+def train(name: str, modules: Sequence[torch.nn.Module], steps: int, schedule: Schedule,
+          step_loss: Callable[[int], StepLoss], log_every: int = 100, **adamw: Any) -> None:
+    """Makes ``steps`` clipped AdamW updates (``adamw``: its options but the rate) of the parameters of ``modules``,
+    which train meanwhile and are left in eval mode; step ``k`` (from 0) is on the loss ``step_loss(k)``. Logs every
+    ``log_every`` steps and at the last (through the progress bar, so that it does not break the bar's line)."""
+    trained = torch.nn.ModuleList(modules)
+    params = list(trained.parameters())
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, **adamw)
+    trained.train()
     start = time.time()
     with logging_redirect_tqdm(), tqdm(total=steps, desc=name, dynamic_ncols=True) as progress:
         for step in range(steps):
@@ -53,3 +59,4 @@ def train(name: str, params: Sequence[torch.nn.Parameter], optimizer: torch.opti
                 values = "".join(f" {key} {value:.3f}" for key, value in extras.items())
                 log.info("%s step %d/%d loss %.3f%s (%.0fs)", name, step + 1, steps, loss.item(), values,
                          time.time() - start)
+    trained.eval()

@@ -57,11 +57,8 @@ def _features(recipe: TinySpeechEncoderRecipe, split: str) -> tuple[list[torch.T
 
 def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, alphabet: list[str]) -> list[str]:
     """Best path: most likely label per frame, repeats merged, blanks (index 0) removed."""
-    texts = []
-    for row, length in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
-        labels = [label for i, label in enumerate(row[:length]) if label and (i == 0 or label != row[i - 1])]
-        texts.append("".join(alphabet[label - 1] for label in labels))
-    return texts
+    return ["".join(alphabet[label - 1] for label in torch.unique_consecutive(row[:length]).tolist() if label)
+            for row, length in zip(log_probs.argmax(-1), lengths.tolist())]
 
 
 def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpeechEncoderRecipe()) -> None:
@@ -69,13 +66,10 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
     features, texts = _features(recipe, "train")
     alphabet = sorted({ch for text in texts for ch in text})
     index = {ch: i + 1 for i, ch in enumerate(alphabet)}  # 0 is CTC's blank
-    config = tiny_whisper_config(d_model=recipe.d_model, encoder_layers=recipe.num_layers,
-                                 encoder_attention_heads=recipe.num_heads, encoder_ffn_dim=recipe.ffn_dim,
-                                 max_source_positions=recipe.window_seconds * FRAMES_PER_SECOND)
-    encoder = WhisperSpeechEncoder(WhisperEncoder(config))
+    encoder = WhisperSpeechEncoder(WhisperEncoder(tiny_whisper_config(
+        d_model=recipe.d_model, encoder_layers=recipe.num_layers, encoder_attention_heads=recipe.num_heads,
+        encoder_ffn_dim=recipe.ffn_dim, max_source_positions=recipe.window_seconds * FRAMES_PER_SECOND)))
     head = nn.Linear(recipe.d_model, len(alphabet) + 1)
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     rng = random.Random(f"speech_encoder/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
@@ -87,10 +81,8 @@ def build_speech_encoder(folder: Path, recipe: TinySpeechEncoderRecipe = TinySpe
         return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), mask.sum(1),
                           torch.tensor([len(t) for t in targets]), zero_infinity=True)
 
-    encoder.train()
-    train("tiny speech encoder (CTC)", params, optimizer, recipe.steps, Schedule(recipe.lr, recipe.warmup), step_loss,
-          log_every=20)
-    encoder.eval()
+    train("tiny speech encoder (CTC)", [encoder, head], recipe.steps, Schedule(recipe.lr, recipe.warmup), step_loss,
+          log_every=20, weight_decay=0.01)
     log.info("tiny speech encoder: greedy CTC CER on the validation scenes %.3f", _validation_cer(encoder, head, recipe,
                                                                                                   alphabet))
     encoder.encoder.save_pretrained(folder)

@@ -26,7 +26,7 @@ class TinyTextTokenizerRecipe:
     documents: int = 20000
 
 
-def train_text_tokenizer(recipe: TinyTextTokenizerRecipe) -> PreTrainedTokenizerFast:
+def build_text_tokenizer(folder: Path, recipe: TinyTextTokenizerRecipe = TinyTextTokenizerRecipe()) -> None:
     rng = random.Random(f"text_tokenizer/{recipe.seed}")
     texts = [f"{user} {answer}" for _ in range(recipe.documents) for user, answer in conversations(rng)]
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -38,9 +38,5 @@ def train_text_tokenizer(recipe: TinyTextTokenizerRecipe) -> PreTrainedTokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", bos_token=DECODE_TOKEN)
-
-
-def build_text_tokenizer(folder: Path, recipe: TinyTextTokenizerRecipe = TinyTextTokenizerRecipe()) -> None:
-    train_text_tokenizer(recipe).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]", bos_token=DECODE_TOKEN).save_pretrained(folder)

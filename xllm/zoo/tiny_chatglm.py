@@ -15,11 +15,10 @@ around ``<ImageHere>``, so that stage 2 only has to replace those tokens with th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sentencepiece as spm
@@ -116,14 +115,12 @@ def world_document(rng: random.Random, recipe: TinyChatGLMRecipe, english_share:
     question = rng.choice(DESCRIBE_EN if english else DESCRIBE_ZH)
     draw = rng.random()
     if draw < copy_share:
-        separator = " " if english else ""
         span = caption
         if rng.random() < recipe.shuffle_share:
             # The shapes in another order: the answer has to find each one by its position word, as it must in
             # an interface's query vectors, which are a set (see docs/chatglm.md).
-            shuffled = Scene(tuple(rng.sample(scene.shapes, len(scene.shapes))))
-            span = scene_caption(shuffled, lang)
-        return Document(f"{media_span('image')}{separator}{question}", caption, span_text=span)
+            span = scene_caption(Scene(tuple(rng.sample(scene.shapes, len(scene.shapes)))), lang)
+        return Document(f"{media_span('image')}{' ' if english else ''}{question}", caption, span_text=span)
     if draw < copy_share + lookup_share and not english:
         # One shape's attributes, found by its position: the reading that copying a caption of several shapes
         # needs, where "有一个" starts every shape and the previous token cannot tell them apart.
@@ -137,7 +134,7 @@ def alike(scene: Scene, rng: random.Random) -> Scene:
     """The scene with every shape's attributes but one (and its position) set to the first shape's."""
     first, varying = scene.shapes[0], rng.choice(LOOKS)
     shared = {name: getattr(first, name) for name in LOOKS if name != varying}
-    return Scene(tuple(dataclasses.replace(shape, **shared) for shape in scene.shapes))
+    return Scene(tuple(replace(shape, **shared) for shape in scene.shapes))
 
 
 def train_tokenizer(recipe: TinyChatGLMRecipe, folder: Path) -> ChatGLMTokenizer:
@@ -175,15 +172,6 @@ def model_config(recipe: TinyChatGLMRecipe, tokenizer: ChatGLMTokenizer) -> dict
     }
 
 
-def initialise(model: nn.Module, std: float) -> None:
-    # PyTorch's default N(0, 1) embedding would start the tied output layer at logits of std ~sqrt(hidden).
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def document_row(backend: ChatGLMBackend, doc: Document) -> tuple[list[int], list[int]]:
     """Ids and labels of one document, the span's text tokenised on its own like a medium's slots."""
     before, *after = backend.layout.format_prompt(doc.query).split(IMAGE_MARKER)
@@ -197,22 +185,23 @@ def build_chatglm_llm(folder: Path, recipe: TinyChatGLMRecipe = TinyChatGLMRecip
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(recipe, folder)
     model = ChatGLMForConditionalGeneration.from_config(model_config(recipe, tokenizer), device="cpu")
-    initialise(model, recipe.init_std)
+    # PyTorch's default N(0, 1) embedding would start the tied output layer at logits of std ~sqrt(hidden).
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=recipe.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
     backend = ChatGLMBackend(model, tokenizer)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
     rng = random.Random(f"chatglm-llm/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
-        docs = [world_document(rng, recipe, recipe.english_share) for _ in range(recipe.batch_size)]
-        rows = [document_row(backend, doc) for doc in docs]
+        rows = [document_row(backend, world_document(rng, recipe, recipe.english_share))
+                for _ in range(recipe.batch_size)]
         batch = left_padded(rows, tokenizer.pad_token_id)
         return backend(batch["input_ids"], backend.embed(batch["input_ids"]), batch["attention_mask"],
                        batch["labels"]).loss
 
-    model.train()
     # The first warm-up step at rate 0: the schedule every tiny ChatGLM build so far was made with.
-    train("tiny ChatGLM", params, optimizer, recipe.steps,
-          Schedule(recipe.lr, recipe.warmup_steps, warmup_from_zero=True), step_loss)
-    model.eval()
+    train("tiny ChatGLM", [model], recipe.steps, Schedule(recipe.lr, recipe.warmup_steps, warmup_from_zero=True),
+          step_loss, weight_decay=0.01, betas=(0.9, 0.98))
     model.save_pretrained(folder)

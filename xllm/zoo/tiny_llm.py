@@ -63,8 +63,7 @@ def chat_row(tokenizer: PreTrainedTokenizerFast, turns: list[tuple[str, str]]) -
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    ids: list[int] = []
-    labels: list[int] = []
+    ids, labels = [], []
     for index, (query, reply) in enumerate(turns):
         separator = "\n" if index else ""  # render_chat's newline after the previous <|end|>
         prompt, start = [], 0
@@ -96,15 +95,12 @@ def train_tokenizer(recipe: TinyLLMRecipe) -> PreTrainedTokenizerFast:
 def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
     torch.manual_seed(recipe.seed)
     tokenizer = train_tokenizer(recipe)
-    config = LlamaConfig(
+    model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers, num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_heads, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id)
-    model = LlamaForCausalLM(config)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        bos_token_id=tokenizer.bos_token_id))
     rng = random.Random(f"llm/{recipe.seed}")
 
     def step_loss(step: int) -> torch.Tensor:
@@ -112,8 +108,7 @@ def build_llm(folder: Path, recipe: TinyLLMRecipe = TinyLLMRecipe()) -> None:
                             tokenizer.pad_token_id)
         return model(**batch).loss
 
-    model.train()
-    train("tiny LLM", params, optimizer, recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss)
-    model.eval()
+    train("tiny LLM", [model], recipe.steps, Schedule(recipe.lr, WARMUP_STEPS), step_loss, weight_decay=0.01,
+          betas=(0.9, 0.98))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -119,27 +119,18 @@ def read_manifest(path: str | Path) -> list[ASRRecord]:
     return sorted(records, key=lambda r: r.utt_id)
 
 
-def _join(
-    wavs: dict[str, str], texts: dict[str, str], wav_source: Path, text_source: Path, base: Path, skip_missing: bool
-) -> list[ASRRecord]:
+def _join(wavs: dict[str, str], texts: dict[str, str], wav_source: Path, text_source: Path, base: Path,
+          skip_missing: bool) -> list[ASRRecord]:
     no_text = sorted(set(wavs) - set(texts))
     no_audio = sorted(set(texts) - set(wavs))
     if (no_text or no_audio) and not skip_missing:
-        problems = []
-        if no_text:
-            problems.append(
-                f"{len(no_text)} utterance(s) in {wav_source} have no transcript in {text_source}: {_few(no_text)}"
-            )
-        if no_audio:
-            problems.append(
-                f"{len(no_audio)} utterance(s) in {text_source} have no audio in {wav_source}: {_few(no_audio)}"
-            )
+        problems = [f"{len(utts)} utterance(s) in {listed} have no {lacking} in {other}: {_few(utts)}"
+                    for utts, listed, lacking, other in ((no_text, wav_source, "transcript", text_source),
+                                                         (no_audio, text_source, "audio", wav_source)) if utts]
         raise ValueError("; ".join(problems) + " (skip_missing=True drops them)")
     if no_text or no_audio:
-        logger.warning(
-            "skipped %d utterance(s) without transcript and %d without audio (%s, %s)",
-            len(no_text), len(no_audio), wav_source, text_source,
-        )
+        logger.warning("skipped %d utterance(s) without transcript and %d without audio (%s, %s)", len(no_text),
+                       len(no_audio), wav_source, text_source)
     records = [ASRRecord(utt, _audio_path(wavs[utt], base, utt), texts[utt]) for utt in sorted(set(wavs) & set(texts))]
     _check_audio_exists(records)
     return records
@@ -147,9 +138,8 @@ def _join(
 
 def _audio_path(spec: str, base: Path, utt_id: str) -> Path:
     if spec.rstrip().endswith("|"):
-        raise ValueError(
-            f"utterance {utt_id!r}: piped wav.scp commands are not supported ({spec!r}); extract the audio first"
-        )
+        raise ValueError(f"utterance {utt_id!r}: piped wav.scp commands are not supported ({spec!r}); "
+                         "extract the audio first")
     path = Path(spec).expanduser()
     return path if path.is_absolute() else base / path
 
@@ -169,8 +159,7 @@ class ASRDataset(Dataset):
     taking ``(path, utt_id=...)``)."""
 
     def __init__(self, records: list[ASRRecord], audio_processor: Callable[..., torch.Tensor]) -> None:
-        self.records = records
-        self.audio_processor = audio_processor
+        self.records, self.audio_processor = records, audio_processor
 
     def __len__(self) -> int:
         return len(self.records)

@@ -25,11 +25,6 @@ from xllm.processors.audio import AudioProcessor
 from xllm.processors.image import ImageProcessor
 
 
-def default_masr_prompts() -> dict[str, list[str]]:
-    return {"en": ["<Image><ImageHere></Image> <Speech><SpeechHere></Speech> Transcribe the speech about the image."],
-            "zh": ["<Image><ImageHere></Image><Speech><SpeechHere></Speech>请忠实地识别该语音"]}
-
-
 def scene_image(scene: Scene, utt_id: str, seed: int, size: int) -> Image.Image:
     """The picture of an utterance's scene; seeded by the corpus seed and the utterance, so always the same one."""
     return render(scene, size, random.Random(f"masr/{seed}/{utt_id}"))
@@ -64,7 +59,9 @@ class WorldMASRDataset(SpeechInstructionDataset):
 
 @dataclass
 class WorldMASRConfig(WorldSpeechConfig):
-    prompts: dict[str, list[str]] = field(default_factory=default_masr_prompts)  # per language; the first evaluates
+    prompts: dict[str, list[str]] = field(default_factory=lambda: {  # per language; the first evaluates
+        "en": ["<Image><ImageHere></Image> <Speech><SpeechHere></Speech> Transcribe the speech about the image."],
+        "zh": ["<Image><ImageHere></Image><Speech><SpeechHere></Speech>请忠实地识别该语音"]})
     image_size: int = 224  # the image encoder's input size; the scene is drawn at it
 
 

@@ -15,11 +15,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from xllm.datasets.registry import register_builder
 from xllm.common.paths import resolve_path
-from xllm.datasets.builders.asr import ASRBuilder, ASRBuilderConfig, ASRRecord, read_manifest
+from xllm.datasets.builders.asr import ASRBuilder, ASRBuilderConfig, ASRDataset, ASRRecord, read_manifest
 from xllm.world.speech_corpus import WorldSpeechSpec, ensure_corpus, manifest_for
 from xllm.processors.audio import AudioProcessor
 
@@ -29,11 +27,11 @@ def default_prompts() -> dict[str, list[str]]:
             "zh": ["<Speech><SpeechHere></Speech>请忠实地识别该语音"]}
 
 
-class SpeechInstructionDataset(Dataset):
+class SpeechInstructionDataset(ASRDataset):
     def __init__(self, records: list[ASRRecord], processor: AudioProcessor, prompts: dict[str, list[str]],
                  lang: str, training: bool) -> None:
-        self.records, self.processor, self.prompts = records, processor, prompts
-        self.lang, self.training = lang, training
+        super().__init__(records, processor)
+        self.prompts, self.lang, self.training = prompts, lang, training
         for record in records:
             language = self.language(record)
             if not record.text.strip():
@@ -45,15 +43,12 @@ class SpeechInstructionDataset(Dataset):
     def language(self, record: ASRRecord) -> str:
         return record.extra.get("lang", self.lang)
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         lang = self.language(record)
         # Training varies the instruction; evaluation always asks the first one, so scores are comparable.
         prompt = random.choice(self.prompts[lang]) if self.training else self.prompts[lang][0]
-        speech = self.processor(record.audio, utt_id=record.utt_id)
+        speech = self.audio_processor(record.audio, utt_id=record.utt_id)
         return {"id": record.utt_id, "speech": speech, "prompt": prompt, "answer": record.text, "lang": lang}
 
 
@@ -100,8 +95,7 @@ class WorldSpeechBuilder:
         """The split's utterances (``max_samples`` at most), the corpus synthesised first if need be."""
         root = ensure_corpus(self.spec, resolve_path(self.cfg.storage) if self.cfg.storage else None)
         manifest, prefix = manifest_for(root, split)
-        records = [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)]
-        return records[: self.cfg.max_samples]
+        return [r for r in read_manifest(manifest) if r.utt_id.startswith(prefix)][: self.cfg.max_samples]
 
     def build(self, split: str) -> SpeechInstructionDataset:
         cfg = self.cfg

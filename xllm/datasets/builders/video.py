@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from xllm.datasets.registry import register_builder
 from xllm.common.config import choice
 from xllm.datasets.builders.caption import CocoCaptionBuilder

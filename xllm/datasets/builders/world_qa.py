@@ -46,8 +46,7 @@ class WorldQADataset(Dataset):
                   "answer": answer}
         if self.cfg.mode == "qa":
             return {**sample, "prompt": self.cfg.question_prompt.format(question=question)}
-        first_answer = record[self.cfg.caption_field]
-        return {**sample, "prompt": question, "history": [(self.cfg.describe_prompt, first_answer)]}
+        return {**sample, "prompt": question, "history": [(self.cfg.describe_prompt, record[self.cfg.caption_field])]}
 
 
 @register_builder("world_qa")

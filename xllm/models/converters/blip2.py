@@ -1,12 +1,8 @@
 """Convert BLIP-2 weights (LAVIS ``.pth``, Hugging Face ``Blip2*`` folders, X-LLM runner checkpoints) to xllm names.
 
-Every loader returns ``(state_dict, LoadReport)``. The state dict uses the names of the composite ``XLLM`` module:
-
-- ``encoders.image.model.*``: a ``transformers.Blip2VisionModel`` (its ``post_layernorm`` is LAVIS's ``ln_vision``);
-- ``interfaces.image.query_tokens``, ``interfaces.image.qformer.*`` (a ``Blip2QFormerModel``) and the stage-1 text
-  branch ``interfaces.image.{text.*, lm_head.*, vision_proj.*, text_proj.*, itm_head.*, temp}``;
-- ``adapters.image.*``, ``interfaces.video.query_tokens``, ``adapters.video.*``,
-  ``interfaces.speech.{input_proj,bert}.*``, ``adapters.speech.*``.
+Every loader returns ``(state_dict, LoadReport)``. The state dict uses the names of the composite ``XLLM`` module,
+which the rule tables below list: a ``transformers.Blip2VisionModel`` under ``encoders.image.model`` (its
+``post_layernorm`` is LAVIS's ``ln_vision``), a ``Blip2QFormerModel`` under ``interfaces.image.qformer``.
 
 Nothing is loaded with ``strict=False``: the report names every consumed, dropped (with the reason), unexpected and
 missing key, and :func:`load_into` raises on any mismatch.
@@ -94,23 +90,18 @@ _XLLM_DROPS: list[tuple[str, str]] = [
 _TEXT_DROP_REASON = "stage-1 text branch (text embeddings, text FFN, LM/ITC/ITM heads): the target has none"
 
 _HF_RULES: list[tuple[str, str, str]] = [
-    (r"vision_model\.(embeddings\.(class_embedding|position_embedding|patch_embedding\.(weight|bias)))",
+    (rf"vision_model\.(embeddings\.(class_embedding|position_embedding|patch_embedding\.{_WB})"
+     rf"|encoder\.layers\.\d+\.(layer_norm[12]|self_attn\.(qkv|projection)|mlp\.fc[12])\.{_WB}|post_layernorm\.{_WB})",
      IMAGE_ENCODER + r"\1", "core"),
-    (rf"vision_model\.(encoder\.layers\.\d+\.(layer_norm[12]|self_attn\.(qkv|projection)|mlp\.fc[12])\.{_WB})",
-     IMAGE_ENCODER + r"\1", "core"),
-    (rf"vision_model\.(post_layernorm\.{_WB})", IMAGE_ENCODER + r"\1", "core"),
     (r"query_tokens", IMAGE_INTERFACE + "query_tokens", "core"),
-    (rf"qformer\.(layernorm\.{_WB})", QFORMER + r"\1", "core"),
-    (rf"qformer\.(encoder\.layer\.\d+\.(attention|crossattention)\."
-     rf"(attention\.(query|key|value)|output\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1", "core"),
-    (rf"qformer\.(encoder\.layer\.\d+\.(intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})",
+    (rf"qformer\.(layernorm\.{_WB}|encoder\.layer\.\d+\.((attention|crossattention)\.(attention\.(query|key|value)"
+     rf"|output\.(dense|LayerNorm))|intermediate_query\.dense|output_query\.(dense|LayerNorm))\.{_WB})",
      QFORMER + r"\1", "core"),
     (rf"language_projection\.{_WB}", r"adapters.image.\1", "core"),
     (rf"qformer\.(encoder\.layer\.\d+\.(intermediate\.dense|output\.(dense|LayerNorm))\.{_WB})", QFORMER + r"\1",
      "text"),
     (r"embeddings\.(word|position)_embeddings\.weight", IMAGE_INTERFACE + r"text.\1_embeddings.weight", "text"),
-    (rf"vision_projection\.{_WB}", IMAGE_INTERFACE + r"vision_proj.\1", "text"),
-    (rf"text_projection\.{_WB}", IMAGE_INTERFACE + r"text_proj.\1", "text"),
+    (rf"(vision|text)_projection\.{_WB}", IMAGE_INTERFACE + r"\1_proj.\2", "text"),
     (rf"itm_head\.{_WB}", IMAGE_INTERFACE + r"itm_head.\1", "text"),
 ]
 
@@ -146,11 +137,10 @@ class LoadReport:
             raise ValueError(f"{self.source}: unexpected keys {self.unexpected}; missing keys {self.missing or []}")
 
     def __str__(self) -> str:
-        reasons = Counter(self.dropped.values())
         lines = [f"{self.source}: {len(self.consumed)} consumed, {len(self.dropped)} dropped, "
                  f"{len(self.unexpected)} unexpected, "
                  f"{'no target given' if self.missing is None else f'{len(self.missing)} missing'}"]
-        lines += [f"  dropped {n}: {reason}" for reason, n in reasons.items()]
+        lines += [f"  dropped {n}: {reason}" for reason, n in Counter(self.dropped.values()).items()]
         lines += [f"  unexpected: {k}" for k in self.unexpected]
         lines += [f"  missing: {k}" for k in self.missing or []]
         if self.ln_vision_eps is not None:
@@ -163,10 +153,8 @@ class _Conversion:
     """Collects converted tensors for one source and keeps the report in step with them."""
 
     def __init__(self, source: str, sd: Mapping[str, torch.Tensor]):
-        self.source = source
-        self.sd = sd
+        self.source, self.sd, self.report = source, sd, LoadReport(source)
         self.out: dict[str, torch.Tensor] = {}
-        self.report = LoadReport(source)
         self.handled: set[str] = set()
 
     def put(self, dst: str, tensor: torch.Tensor, *src: str) -> None:
@@ -202,21 +190,18 @@ class _Conversion:
                 self.report.unexpected.append(key)
 
 
-def _wants_text_branch(text_branch: bool | None, target_keys: Iterable[str] | None) -> bool:
-    if text_branch is not None:
-        return text_branch
-    if target_keys is None:
-        return True
-    return any(k.startswith(_TEXT_KEY_MARKERS) or _TEXT_FFN.match(k) for k in target_keys)
+def _wants_text_branch(target_keys: list[str] | None) -> bool:
+    """The stage-1 text branch is kept unless the target keys hold none of it."""
+    return target_keys is None or any(k.startswith(_TEXT_KEY_MARKERS) or _TEXT_FFN.match(k) for k in target_keys)
 
 
-def _merge_qkv_bias(conv: _Conversion, q_pattern: str, v_key: str, dst: str) -> None:
+def _merge_qkv_bias(conv: _Conversion, q_pattern: str, dst: str) -> None:
     """Build ``qkv.bias`` = [q_bias, zeros, v_bias]: EVA has no k bias (softmax cancels one anyway)."""
     for key in sorted(conv.sd):
         match = re.fullmatch(q_pattern, key)
         if match is None:
             continue
-        partner = match.expand(v_key)
+        partner = key.removesuffix("q_bias") + "v_bias"
         if partner not in conv.sd:
             raise ValueError(f"{conv.source}: {key} has no partner {partner}")
         q_bias, v_bias = conv.sd[key], conv.sd[partner]
@@ -226,13 +211,13 @@ def _merge_qkv_bias(conv: _Conversion, q_pattern: str, v_key: str, dst: str) -> 
         raise ValueError(f"{conv.source}: v_bias keys without q_bias: {orphans}")
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_extra_tokens: int = 1) -> torch.Tensor:
-    """Resize absolute position embeddings [1, extra + g*g, D] to a ``grid`` x ``grid`` patch grid.
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize absolute position embeddings [1, 1 + g*g, D] to a ``grid`` x ``grid`` patch grid.
 
-    The extra (cls) tokens are kept; the patch part is resized bicubically (align_corners=False), as LAVIS does when
+    The cls token is kept; the patch part is resized bicubically (align_corners=False), as LAVIS does when
     the image size differs from the one the ViT was trained at. Computed in fp32, returned in the input dtype.
     """
-    extra, patches = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     old = math.isqrt(patches.shape[1])
     if old * old != patches.shape[1]:
         raise ValueError(f"position embedding with {patches.shape[1]} patch positions is not a square grid")
@@ -242,27 +227,22 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: int, num_extra_tokens: 
     patches = patches.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
     patches = nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
-    return torch.cat([extra, patches], dim=1)
-
-
-def _resize_positions(conv: _Conversion, image_size: int | None) -> None:
-    key = IMAGE_ENCODER + "embeddings.position_embedding"
-    if image_size is None or key not in conv.out:
-        return
-    patch_key = IMAGE_ENCODER + "embeddings.patch_embedding.weight"
-    if patch_key not in conv.out:
-        raise ValueError(f"{conv.source}: cannot resize {key} without the patch size from {patch_key}")
-    grid = image_size // conv.out[patch_key].shape[-1]
-    before = conv.out[key].shape[1]
-    conv.out[key] = interpolate_pos_embed(conv.out[key], grid)
-    if conv.out[key].shape[1] != before:
-        conv.report.notes.append(f"position embedding interpolated from {before} to {conv.out[key].shape[1]} tokens "
-                                 f"for image size {image_size}")
+    return torch.cat([cls, patches], dim=1)
 
 
 def _finish(conv: _Conversion, target_keys: Iterable[str] | None, image_size: int | None
             ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    _resize_positions(conv, image_size)
+    """Interpolates the position embedding to ``image_size`` if given, then compares with the target keys."""
+    key = IMAGE_ENCODER + "embeddings.position_embedding"
+    patch_key = IMAGE_ENCODER + "embeddings.patch_embedding.weight"
+    if image_size is not None and key in conv.out:
+        if patch_key not in conv.out:
+            raise ValueError(f"{conv.source}: cannot resize {key} without the patch size from {patch_key}")
+        before = conv.out[key].shape[1]
+        conv.out[key] = interpolate_pos_embed(conv.out[key], image_size // conv.out[patch_key].shape[-1])
+        if conv.out[key].shape[1] != before:
+            conv.report.notes.append(f"position embedding interpolated from {before} to {conv.out[key].shape[1]} "
+                                     f"tokens for image size {image_size}")
     if target_keys is not None:
         _compare_with_target(conv.out, conv.report, target_keys)
     return conv.out, conv.report
@@ -287,20 +267,22 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
 _BARE_VIT = re.compile(r"(cls_token|pos_embed|patch_embed\..+|blocks\..+)")
 
 
-def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, text_branch: bool | None, image_size: int | None,
+def _convert_lavis_file(path: str | Path, *, allow_xllm: bool, image_size: int | None,
                         target_keys: Iterable[str] | None) -> tuple[dict[str, torch.Tensor], LoadReport]:
     path = Path(path)
     sd = _read_pth(path)
     # eva_vit_g.pth holds the bare VisionTransformer, i.e. the visual_encoder.* keys without their prefix.
     sd = {("visual_encoder." + k if _BARE_VIT.fullmatch(k) else k): v for k, v in sd.items()}
     target_keys = list(target_keys) if target_keys is not None else None
-    keep_text = _wants_text_branch(text_branch, target_keys)
+    keep_text = _wants_text_branch(target_keys)
     conv = _Conversion(str(path), sd)
     conv.report.ln_vision_eps = LAVIS_LN_VISION_EPS
-    _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias", r"visual_encoder.blocks.\1.attn.v_bias",
+    _merge_qkv_bias(conv, r"visual_encoder\.blocks\.(\d+)\.attn\.q_bias",
                     IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
     _tie_lm_head(conv, keep_text)
-    _check_speech_adaptors(conv)
+    adaptors = {k.split(".")[0] for k in sd if k.startswith(("post_bert_proj.", "speech_feat_proj."))}
+    if len(adaptors) > 1:
+        raise ValueError(f"{path}: both speech adaptors present ({sorted(adaptors)}); both map to adapters.speech")
     drops = _LAVIS_DROPS + (_XLLM_DROPS if allow_xllm else [])
     conv.apply_rules(_LAVIS_RULES, drops, text_branch=keep_text, allow_xllm=allow_xllm)
     if keep_text:
@@ -334,47 +316,30 @@ def _fill_tied_decoder(conv: _Conversion) -> None:
         conv.report.notes.append(f"{decoder} differs from {words}: the file was not tied")
 
 
-def _check_speech_adaptors(conv: _Conversion) -> None:
-    kinds = {k.split(".")[0] for k in conv.sd if k.startswith(("post_bert_proj.", "speech_feat_proj."))}
-    if len(kinds) > 1:
-        raise ValueError(f"{conv.source}: both speech adaptors present ({sorted(kinds)}); both map to adapters.speech")
-
-
-def load_lavis_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
-                          target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_lavis_checkpoint(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
+                          ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert one LAVIS BLIP-2 ``.pth`` file (``_LAVIS_RULES`` maps every key): ``eva_vit_g.pth`` (the bare ViT;
     q_bias, zeros and v_bias become ``qkv.bias``), ``blip2_pretrained.pth`` (stage 1, text branch included; the LM
     head's decoder is tied to the word embeddings) or a stage-2 file (``opt_proj`` / ``t5_proj`` -> ``adapters.image``).
 
-    ``text_branch``: keep the stage-1 text branch; by default it is kept unless ``target_keys`` has none of it.
     ``image_size``: interpolate ``pos_embed`` to this image size. ``target_keys`` (e.g. ``model.state_dict().keys()``):
-    fills ``report.missing`` and lists converted keys the target lacks as unexpected. The source implies
-    ``ln_vision_eps = 1e-5``.
+    fills ``report.missing`` and lists converted keys the target lacks as unexpected; the stage-1 text branch is kept
+    unless they hold none of it. The source implies ``ln_vision_eps = 1e-5``.
     """
-    return _convert_lavis_file(path, allow_xllm=False, text_branch=text_branch, image_size=image_size,
-                               target_keys=target_keys)
+    return _convert_lavis_file(path, allow_xllm=False, image_size=image_size, target_keys=target_keys)
 
 
-def load_xllm_checkpoint(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
-                         target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_xllm_checkpoint(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
+                         ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert an X-LLM runner checkpoint (``{"model": sd}`` or flat), single-stage or merged: the LAVIS stage-2
     keys plus X-LLM's video, speech and adaptor keys (the "xllm" rules); ChatGLM's ``opt_model.*`` keys are dropped
     (the LLM is loaded separately). Options as in :func:`load_lavis_checkpoint`.
     """
-    return _convert_lavis_file(path, allow_xllm=True, text_branch=text_branch, image_size=image_size,
-                               target_keys=target_keys)
+    return _convert_lavis_file(path, allow_xllm=True, image_size=image_size, target_keys=target_keys)
 
 
-def _hf_layer_norm_eps(path: Path) -> tuple[float, str | None]:
-    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if not config.is_file():
-        return HF_LAYER_NORM_EPS, f"no config.json next to {path}: assuming the HF default eps {HF_LAYER_NORM_EPS:g}"
-    eps = json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS)
-    return float(eps), None
-
-
-def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_size: int | None = None,
-                  target_keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], LoadReport]:
+def load_hf_blip2(path: str | Path, *, image_size: int | None = None, target_keys: Iterable[str] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Convert a Hugging Face ``Blip2Model``, ``Blip2ForConditionalGeneration`` or ``Blip2ForImageTextRetrieval``
     (a ``save_pretrained`` folder or one weight file; ``_HF_RULES`` maps every key). ``language_model.*`` is not
     read (the LLM is loaded separately); pre-4.27 ``self_attn.q_bias``/``v_bias`` are merged into ``qkv.bias``;
@@ -387,17 +352,20 @@ def load_hf_blip2(path: str | Path, *, text_branch: bool | None = None, image_si
     sd, llm_keys = weights.tensors, sorted(weights.skipped)
     target_keys = list(target_keys) if target_keys is not None else None
     conv = _Conversion(str(path), sd)
-    conv.report.ln_vision_eps, note = _hf_layer_norm_eps(path)
-    if note:
-        conv.report.notes.append(note)
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if config.is_file():
+        eps = json.loads(config.read_text()).get("vision_config", {}).get("layer_norm_eps", HF_LAYER_NORM_EPS)
+    else:
+        eps = HF_LAYER_NORM_EPS
+        conv.report.notes.append(f"no config.json next to {path}: assuming the HF default eps {eps:g}")
+    conv.report.ln_vision_eps = float(eps)
     for key in llm_keys:
         conv.drop(key, _LLM_DROP_REASON)
     if llm_keys:
         conv.report.notes.append(f"{len(llm_keys)} language_model.* tensors not read: the LLM is loaded separately")
     _merge_qkv_bias(conv, r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.q_bias",
-                    r"vision_model.encoder.layers.\1.self_attn.v_bias",
                     IMAGE_ENCODER + r"encoder.layers.\1.self_attn.qkv.bias")
-    conv.apply_rules(_HF_RULES, _HF_DROPS, text_branch=_wants_text_branch(text_branch, target_keys), allow_xllm=False)
+    conv.apply_rules(_HF_RULES, _HF_DROPS, text_branch=_wants_text_branch(target_keys), allow_xllm=False)
     return _finish(conv, target_keys, image_size)
 
 

@@ -16,14 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperProcessor,
-    WhisperTokenizer,
-)
+from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                          WhisperProcessor, WhisperTokenizer)
 
 from xllm.common.checkpoint import load_state
 
@@ -133,38 +127,37 @@ class _Variables:
             raise ValueError(f"{self.source}: {name}[{start}:{stop}] (the k bias) is not all zeros")
 
 
-def _t(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+def _t(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
 
 
-def whisper_state_dict(model: Ct2Model, source: str = "model.bin", dtype: torch.dtype = torch.float32
-                       ) -> dict[str, torch.Tensor]:
+def whisper_state_dict(model: Ct2Model, source: str = "model.bin") -> dict[str, torch.Tensor]:
     """Map CTranslate2 Whisper variables to ``WhisperForConditionalGeneration`` keys (fused q/k/v are split)."""
     get = _Variables(model.variables, source)
     sd: dict[str, torch.Tensor] = {}
 
     def linear(ct2: str, hf: str) -> None:
-        sd[f"{hf}.weight"], sd[f"{hf}.bias"] = _t(get(f"{ct2}/weight"), dtype), _t(get(f"{ct2}/bias"), dtype)
+        sd[f"{hf}.weight"], sd[f"{hf}.bias"] = _t(get(f"{ct2}/weight")), _t(get(f"{ct2}/bias"))
 
     def norm(ct2: str, hf: str) -> None:
-        sd[f"{hf}.weight"], sd[f"{hf}.bias"] = _t(get(f"{ct2}/gamma"), dtype), _t(get(f"{ct2}/beta"), dtype)
+        sd[f"{hf}.weight"], sd[f"{hf}.bias"] = _t(get(f"{ct2}/gamma")), _t(get(f"{ct2}/beta"))
 
     def split(ct2: str, hf: str, names: tuple[str, ...]) -> None:
         weight, bias = get(f"{ct2}/weight"), get(f"{ct2}/bias")
         width = weight.shape[0] // len(names)
         for i, name in enumerate(names):
-            sd[f"{hf}.{name}.weight"] = _t(weight[i * width:(i + 1) * width], dtype)
+            sd[f"{hf}.{name}.weight"] = _t(weight[i * width:(i + 1) * width])
             if name == "k_proj":
                 get.zero_slice(f"{ct2}/bias", i * width, (i + 1) * width)
             else:
-                sd[f"{hf}.{name}.bias"] = _t(bias[i * width:(i + 1) * width], dtype)
+                sd[f"{hf}.{name}.bias"] = _t(bias[i * width:(i + 1) * width])
 
     for conv in ("conv1", "conv2"):
         linear(f"encoder/{conv}", f"model.encoder.{conv}")
-    sd["model.decoder.embed_tokens.weight"] = _t(get("decoder/embeddings/weight"), dtype)
-    sd["proj_out.weight"] = _t(get("decoder/projection/weight"), dtype)
+    sd["model.decoder.embed_tokens.weight"] = _t(get("decoder/embeddings/weight"))
+    sd["proj_out.weight"] = _t(get("decoder/projection/weight"))
     for side in ("encoder", "decoder"):
-        sd[f"model.{side}.embed_positions.weight"] = _t(get(f"{side}/position_encodings/encodings"), dtype)
+        sd[f"model.{side}.embed_positions.weight"] = _t(get(f"{side}/position_encodings/encodings"))
         norm(f"{side}/layer_norm", f"model.{side}.layer_norm")
         for i in range(get.count_layers(side)):
             ct2, hf = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
@@ -195,10 +188,8 @@ def _check_settings(get: _Variables) -> None:
             raise ValueError(f"{get.source}: {name} = {get.scalar(name)}, transformers' Whisper needs {value}")
     # Head counts and scale_embeddings go to the config (whisper_config). The alignment heads come from config.json
     # as a list; these two scalars only say how CTranslate2 averages them.
-    for name in ("encoder/num_heads", "decoder/num_heads", "decoder/scale_embeddings", "decoder/alignment_heads",
-                 "decoder/alignment_layer"):
-        if name in get.variables:
-            get(name)
+    get.used.update({"encoder/num_heads", "decoder/num_heads", "decoder/scale_embeddings", "decoder/alignment_heads",
+                     "decoder/alignment_layer"} & set(get.variables))
 
 
 def whisper_config(model: Ct2Model, special: Mapping[str, int], source: str = "model.bin") -> WhisperConfig:
@@ -207,25 +198,17 @@ def whisper_config(model: Ct2Model, special: Mapping[str, int], source: str = "m
     conv1 = get("encoder/conv1/weight")
     eot = special["<|endoftext|>"]
     return WhisperConfig(
-        vocab_size=get("decoder/embeddings/weight").shape[0],
-        num_mel_bins=conv1.shape[1],
-        d_model=conv1.shape[0],
-        encoder_layers=get.count_layers("encoder"),
-        decoder_layers=get.count_layers("decoder"),
+        vocab_size=get("decoder/embeddings/weight").shape[0], num_mel_bins=conv1.shape[1], d_model=conv1.shape[0],
+        encoder_layers=get.count_layers("encoder"), decoder_layers=get.count_layers("decoder"),
         encoder_attention_heads=get.scalar("encoder/num_heads"),
         decoder_attention_heads=get.scalar("decoder/num_heads"),
         encoder_ffn_dim=get("encoder/layer_0/ffn/linear_0/weight").shape[0],
         decoder_ffn_dim=get("decoder/layer_0/ffn/linear_0/weight").shape[0],
         max_source_positions=get("encoder/position_encodings/encodings").shape[0],
         max_target_positions=get("decoder/position_encodings/encodings").shape[0],
-        activation_function="gelu",
-        scale_embedding=bool(get.scalar("decoder/scale_embeddings")),
+        activation_function="gelu", scale_embedding=bool(get.scalar("decoder/scale_embeddings")),
         tie_word_embeddings=model.aliases.get("decoder/projection/weight") == "decoder/embeddings/weight",
-        pad_token_id=eot,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        decoder_start_token_id=special["<|startoftranscript|>"],
-    )
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=special["<|startoftranscript|>"])
 
 
 def _special_ids(tokenizer_json: Mapping) -> dict[str, int]:
@@ -268,8 +251,7 @@ def whisper_tokenizer(src_dir: Path, tokenizer_json: Mapping) -> WhisperTokenize
     return tokenizer
 
 
-def convert_ct2_whisper(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32
-                        ) -> WhisperForConditionalGeneration:
+def convert_ct2_whisper(src_dir: str | Path, out_dir: str | Path) -> WhisperForConditionalGeneration:
     """Write ``src_dir`` (CTranslate2 Whisper) to ``out_dir`` as a transformers folder (model, generation config
     and processor, loadable with ``from_pretrained``); returns the model."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -285,7 +267,7 @@ def convert_ct2_whisper(src_dir: str | Path, out_dir: str | Path, dtype: torch.d
 
     with torch.device("meta"):  # every tensor comes from the file, so skip the random initialisation
         model = WhisperForConditionalGeneration(config)
-    load_state(model, whisper_state_dict(ct2, str(model_bin), dtype), str(model_bin), assign=True)
+    load_state(model, whisper_state_dict(ct2, str(model_bin)), str(model_bin), assign=True)
     model.tie_weights()  # assign=True gave proj_out its own tensor
     model.generation_config = whisper_generation_config(ct2_config, special, config.max_target_positions, multilingual)
     model.save_pretrained(out_dir)
