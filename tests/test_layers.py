@@ -25,6 +25,8 @@ ALLOWED = {
     "runners": {"common"},
     "config": {"common", "models", "datasets", "eval", "tasks"},
     "plan": {"common", "models", "config"},
+    "demo": {"common", "processors", "models"},
+    "serve": {"common", "processors", "models", "demo"},
 }
 
 

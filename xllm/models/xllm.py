@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,11 @@ class XLLM(nn.Module):
 
         ``inputs`` may be ``{"prompt": [...], "image": <media in marker order>}``, as in a notebook."""
         return self.objectives[objective].predict(self, self.make_batch(inputs, with_answers=False), **kwargs)
+
+    def stream(self, inputs: Batch | dict, **kwargs) -> Iterator[str]:
+        """One sample's answer so far after every new token (a chat's streamed reply); ``inputs`` as in
+        ``generate``."""
+        return self.objectives["lm"].stream(self, self.make_batch(inputs, with_answers=False), **kwargs)
 
     def require_llm(self) -> LLMBackend:
         if self.llm is None:

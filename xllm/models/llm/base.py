@@ -9,6 +9,7 @@ Each backend derives its positions from the attention mask, so a left-padded row
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -38,6 +39,11 @@ class LLMBackend(nn.Module, ABC):
     def generate(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  max_new_tokens: int, **generation_kwargs) -> list[list[int]]:
         """New token ids per row (prompt excluded, stopped at the end token)."""
+
+    @abstractmethod
+    def stream(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               max_new_tokens: int, **generation_kwargs) -> Iterator[int]:
+        """The new token ids of one row as they are generated, up to (not including) the end token."""
 
     def decode(self, ids: list[int]) -> str:
         return self.layout.decode(ids)

@@ -12,6 +12,8 @@ compute alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from pathlib import Path
 
 import torch
@@ -122,3 +124,14 @@ class ChatGLMBackend(LLMBackend):
         output = self.model.generate(input_ids, max_new_tokens, inputs_embeds=inputs_embeds,
                                      attention_mask=attention_mask, eos_token_id=eop, **generation_kwargs)
         return [row[: row.index(eop)] if eop in row else row for row in output[:, input_ids.shape[1]:].tolist()]
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               max_new_tokens: int, **generation_kwargs) -> Iterator[int]:
+        eop = self.tokenizer.eos_token_id
+        for step in self.model.iter_generate(input_ids, max_new_tokens, inputs_embeds=inputs_embeds,
+                                             attention_mask=attention_mask, eos_token_id=eop, **generation_kwargs):
+            token = int(step.tokens[0])
+            if token == eop:
+                return
+            yield token

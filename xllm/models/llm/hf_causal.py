@@ -7,8 +7,13 @@ tokenizer's end-of-sequence token, which is what such templates close an assista
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from xllm.common.dtypes import torch_dtype
 from xllm.common.paths import ZOO_PREFIX, resolve_path
@@ -89,3 +94,42 @@ class HFCausalLM(LLMBackend):
                                   max_new_tokens=max_new_tokens, eos_token_id=eos,
                                   pad_token_id=self.layout.pad_token_id, **kwargs)
         return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
+
+    def stream(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, **generation_kwargs) -> Iterator[int]:
+        # transformers streams through a streamer object that ``generate`` feeds from its own loop: run that loop
+        # in a thread and hand its ids over a queue.
+        ids: queue.Queue = queue.Queue()
+        streamer = _IdStreamer(ids)
+
+        def run() -> None:
+            try:
+                self.generate(input_ids, inputs_embeds, attention_mask, max_new_tokens, streamer=streamer,
+                              **generation_kwargs)
+            except Exception as error:  # handed to the caller's thread below
+                streamer.error = error
+                ids.put(None)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        eos = self.layout.eos_token_id
+        while (token := ids.get()) is not None:
+            if token == eos:
+                break
+            yield token
+        worker.join()
+        if streamer.error is not None:
+            raise streamer.error
+
+
+class _IdStreamer(BaseStreamer):
+    """Puts each new token id of the one row on a queue, then None."""
+
+    def __init__(self, ids: queue.Queue) -> None:
+        self.ids, self.error = ids, None
+
+    def put(self, value: torch.Tensor) -> None:
+        for token in value.flatten().tolist():  # the prompt is never put: generation starts from embeddings
+            self.ids.put(token)
+
+    def end(self) -> None:
+        self.ids.put(None)

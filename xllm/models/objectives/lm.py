@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,3 +40,16 @@ class LanguageModelling(nn.Module):
         rows = llm.generate(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, max_new_tokens,
                             **generation_kwargs)
         return [llm.decode(ids) for ids in rows]
+
+    @torch.no_grad()
+    def stream(self, model, batch: Batch, max_new_tokens: int = 40, **generation_kwargs) -> Iterator[str]:
+        """The answer of a one-sample batch so far, after every new token."""
+        if len(batch) != 1:
+            raise ValueError(f"streaming answers one sample at a time, got {len(batch)}")
+        llm = model.require_llm()
+        inputs = model.splice(batch, model.encode(batch)[0])
+        ids = []
+        for token in llm.stream(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, max_new_tokens,
+                                **generation_kwargs):
+            ids.append(token)
+            yield llm.decode(ids)
