@@ -51,7 +51,7 @@ def first_step_and_losses(cfg_path: str, results, rank: int | None = None, init:
         torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     cfg = load_config(cfg_path)
-    torch.manual_seed(0)
+    torch.manual_seed(rank or 0)  # as train.py seeds: each rank apart; every strategy starts from rank 0's weights
     model = build_model(cfg.model)
     task = TASKS.get(cfg.run.task)(cfg.run)
     train = training_loader(build_split(cfg.datasets, "train")["world"], task.collator(model, training=True),

@@ -133,6 +133,11 @@ class FSDPStrategy(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
+        # Every rank starts from rank 0's weights, as DDP makes it: freshly initialised parts (an interface) differ
+        # between ranks seeded apart, and FSDP would otherwise shard a mixture of them.
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                torch.distributed.broadcast(tensor, src=0)
         # FSDP2 shards no 0-d parameter (the Q-Former's temperature): those stay whole on every rank, and their
         # gradients are averaged here as DDP would.
         self.scalars = {p for p in model.parameters() if p.dim() == 0}
