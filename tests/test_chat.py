@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from xllm.common.config import save_config
 from xllm.demo.cli import chat
 from xllm.demo.session import ChatSession, load_run
+from xllm.infer import infer, read_requests
 from xllm.models.builder import build_model, build_processors
 from xllm.models.config import resolve_model
 from xllm.runners.parallel import trainable_state
@@ -183,3 +184,29 @@ def test_the_server_refuses_bad_requests_with_openai_errors(server, body, status
     got, raw = post(server, body)
     error = json.loads(raw)["error"]
     assert (got, error["code"]) == (status, code), error["message"]
+
+
+def test_batch_inference_answers_in_order_records_failures_and_resumes(model_and_processors, image_file, tmp_path):
+    model, processors = model_and_processors
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"id": "a", "prompt": "Describe the image.", "image": str(image_file)},
+             {"id": "b", "prompt": QUESTION, "image": [str(image_file)]},
+             {"id": "c", "prompt": "Describe the image.", "image": str(tmp_path / "absent.png")},
+             {"id": "d", "prompt": "What is said?", "speech": str(image_file)}]
+    requests.write_text("\n".join(json.dumps(line) for line in lines[:3]) + "\n")
+    output = tmp_path / "answers.jsonl"
+    generation = {"max_new_tokens": 12}
+    assert infer(model, processors, read_requests(requests), output, 2, generation) == 3
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = reference_answer(model, processors, image_file)
+    assert [r["id"] for r in rows] == ["a", "b", "c"]
+    assert rows[0]["text"] == rows[1]["text"] == expected and rows[0]["prompt"] == QUESTION
+    assert rows[0]["generation"] == generation
+    assert rows[2]["text"] is None and "absent.png" in rows[2]["error"]
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert infer(model, processors, read_requests(requests), output, 2, generation) == 1  # only "d" is new
+    last = json.loads(output.read_text().splitlines()[-1])
+    assert last["id"] == "d" and last["text"] is None and "reads no speech" in last["error"]
+    requests.write_text(json.dumps({"id": "a", "prompt": "x"}) + "\n" + json.dumps({"id": "a", "prompt": "y"}))
+    with pytest.raises(ValueError, match="request ids repeat"):
+        read_requests(requests)

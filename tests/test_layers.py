@@ -27,6 +27,7 @@ ALLOWED = {
     "plan": {"common", "models", "config"},
     "demo": {"common", "processors", "models"},
     "serve": {"common", "processors", "models", "demo"},
+    "infer": {"common", "processors", "models", "demo"},
 }
 
 
