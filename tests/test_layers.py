@@ -28,6 +28,7 @@ ALLOWED = {
     "demo": {"common", "processors", "models"},
     "serve": {"common", "processors", "models", "demo"},
     "infer": {"common", "processors", "models", "demo"},
+    "plot": {"common", "world"},
 }
 
 
