@@ -23,7 +23,7 @@ from xllm.infer import infer, read_requests
 from xllm.models.builder import build_model, build_processors
 from xllm.models.config import resolve_model
 from xllm.runners.parallel import trainable_state
-from xllm.serve import Service, make_server
+from xllm.demo.server import Service, make_server
 
 QUESTION = "<Image><ImageHere></Image> Describe the image."
 

@@ -26,7 +26,7 @@ ALLOWED = {
     "config": {"common", "models", "datasets", "eval", "tasks"},
     "plan": {"common", "models", "config"},
     "demo": {"common", "processors", "models"},
-    "serve": {"common", "processors", "models", "demo"},
+    "serve": {"demo"},
     "infer": {"common", "processors", "models", "demo"},
     "plot": {"common", "world"},
 }
