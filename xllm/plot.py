@@ -86,10 +86,12 @@ def confusion_tables(eval_dir: Path, out: Path) -> Path:
         guesses = truths + sorted({g for _, g in table} - set(truths))
         cells = [[table[(t, g)] for g in guesses] for t in truths]
         axis.imshow(cells, cmap="Blues")
+        darkest = max(max(row) for row in cells)
         for i, row in enumerate(cells):
             for j, value in enumerate(row):
                 if value:
-                    axis.text(j, i, str(value), ha="center", va="center", fontsize=7)
+                    axis.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                              color="white" if value > darkest / 2 else "black")
         correct = sum(table[(t, t)] for t in truths) / max(sum(table.values()), 1)
         axis.set(title=f"{attribute}: {100 * correct:.1f} % right", xlabel="generated", ylabel="reference",
                  xticks=range(len(guesses)), yticks=range(len(truths)))

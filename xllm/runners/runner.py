@@ -82,6 +82,7 @@ class Runner:
         self.strategy = make_strategy(run)
         self.wrapped = self.strategy.prepare(self.model, self._optimizer)
         self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.validated_at: int | None = None
         self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
 
     def _optimizer(self, model: nn.Module):
@@ -220,6 +221,8 @@ class Runner:
                 continue
             break
         progress.close()
+        if self.validated_at != self.step:  # the run ended inside an epoch (or between intervals): its final figure
+            self.validate()
         if last_checkpoint is None or last_checkpoint.name != f"step_{self.step}":
             last_checkpoint = self._save()
         self.logger.close()
@@ -231,6 +234,7 @@ class Runner:
         rank reads the same batches, so it is the same on every rank."""
         if self.val_loader is None:
             return None
+        self.validated_at = self.step
         self.model.eval()
         total_loss = total_weight = 0.0
         # Validation must not consume the training RNG, or a resumed run would diverge from an unbroken one.
