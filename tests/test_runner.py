@@ -116,3 +116,48 @@ def test_bf16_autocast_run_follows_the_fp32_run(tmp_path, micro_model_cfg, micro
     assert len(runs["bf16"]) == 3 and runs["bf16"] != runs[None]
     for mixed, full in zip(runs["bf16"], runs[None]):
         assert abs(mixed - full) <= 2e-2 * full
+
+
+@pytest.mark.parametrize("on_nan, message, kept, steps_logged", [
+    ("stop", r"step 2: the loss or the gradient norm is not finite \(samples train_", ["step_1"], 1),
+    # Skipped steps leave the weights as they were: their checkpoints hold the last good weights.
+    ("skip", r"step 5: .* not finite \(samples .*\) for 4 steps in a row", ["step_3", "step_4"], 4)])
+def test_a_diverging_run_stops_with_its_last_good_checkpoint(on_nan, message, kept, steps_logged, tmp_path,
+                                                             micro_model_cfg, micro_world):
+    from xllm.common.checkpoint import load_weights
+    from xllm.runners.runner import NonFiniteError
+
+    cfg = make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=10, lr=1e30, warmup_steps=0, save_interval=1,
+                   keep_last=2, on_nan=on_nan, max_nan_skips=3, grad_clip=None)
+    runner = make_runner(cfg)
+    with pytest.raises(NonFiniteError, match=message):
+        runner.train()
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoints == kept  # nothing non-finite was written
+    load_weights(make_runner(cfg).model, tmp_path / "run")  # loads, and every tensor in it is finite
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row["split"] == "train"]
+    assert len(train) == steps_logged and train[0]["loss"] is not None
+    assert all(row["loss"] is None for row in train[1:])  # the non-finite losses of skipped steps, as null
+
+
+def test_a_checkpoint_holding_nan_is_refused(tmp_path, micro_model_cfg):
+    from safetensors.torch import save_file
+
+    from xllm.common.checkpoint import CheckpointError, load_weights
+
+    model = build_model(load_config_model(micro_model_cfg))
+    save_file({"adapters.image.bias": torch.full_like(model.adapters.image.bias, float("nan"))},
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match="1 tensors hold NaN or infinite values \\(adapters.image.bias\\)"):
+        load_weights(model, tmp_path / "bad.safetensors")
+
+
+def load_config_model(model_cfg):
+    from xllm.models.config import resolve_model
+
+    return resolve_model(model_cfg)

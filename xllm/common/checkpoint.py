@@ -165,6 +165,10 @@ def load_weights(model: nn.Module, path: str | Path, optional: Callable[[str], b
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint weights not found: {file}")
     state = load_file(str(file))
+    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {file}: {len(bad)} tensors hold NaN or infinite values "
+                              f"({', '.join(bad[:5])}): it came from a run that diverged")
     own = model.state_dict()
     skipped = sorted(k for k in state if k not in own and optional is not None and optional(k))
     if skipped:

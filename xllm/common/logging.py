@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -30,8 +31,10 @@ class MetricLogger:
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        # Strict JSON: a non-finite value is null (json.dumps would write NaN, which JSON parsers refuse).
+        row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in values.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": split, "time": time.time(), **values}) + "\n")
+            f.write(json.dumps({"step": step, "split": split, "time": time.time(), **row}, allow_nan=False) + "\n")
         for key, value in values.items():
             self.tensorboard.add_scalar(f"{split}/{key}", value, step)
 

@@ -69,7 +69,9 @@ class Strategy:
         # in ``step``, so accumulation averages over every unit exactly.
         self.scaler.scale(loss * weight).backward()
 
-    def step(self, window_weight: float) -> None:
+    def step(self, window_weight: float) -> bool:
+        """Updates the weights unless the gradient norm is not finite; returns whether it did. With fp16 the
+        gradient scaler skips overflowing steps itself (they are expected while it finds its scale)."""
         # Each rank added (mean loss x its units); DDP and FSDP average gradients over ranks, so dividing by the
         # mean of the ranks' units gives the mean over every unit of the global batch.
         total = dist.all_reduce_sum(window_weight) / dist.world_size()
@@ -78,12 +80,15 @@ class Strategy:
         for param in params:
             if param.grad is not None:
                 param.grad.div_(max(total, 1.0))
-        if self.run.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, self.run.grad_clip)
-        self.scaler.step(self.optimizer)
+        # Without clipping the factor is exactly 1: the norm is still measured, to catch a non-finite one.
+        norm = torch.nn.utils.clip_grad_norm_(params, self.run.grad_clip or float("inf"))
+        finite = self.scaler.is_enabled() or bool(torch.isfinite(full_tensor(norm)))
+        if finite:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return finite
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return trainable_state(model)
@@ -150,12 +155,12 @@ class FSDPStrategy(Strategy):
         wrapped.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def step(self, window_weight: float) -> None:
+    def step(self, window_weight: float) -> bool:
         for param in self.scalars:
             if param.grad is not None:
                 torch.distributed.all_reduce(param.grad)
                 param.grad.div_(dist.world_size())
-        super().step(window_weight)
+        return super().step(window_weight)
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -198,8 +203,9 @@ class DeepSpeedStrategy(Strategy):
         self.engine.backward(loss * share)
         self.engine.step()  # a no-op inside the window; steps optimizer and schedule at its end
 
-    def step(self, window_weight: float) -> None:
-        """The engine stepped in ``backward``."""
+    def step(self, window_weight: float) -> bool:
+        """The engine stepped in ``backward`` (skipping overflowing steps by its own rules)."""
+        return True
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         import deepspeed

@@ -83,6 +83,7 @@ class Runner:
         self.wrapped = self.strategy.prepare(self.model, self._optimizer)
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.validated_at: int | None = None
+        self.nan_skips = 0  # steps in a row whose loss or gradient norm was not finite
         self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
 
     def _optimizer(self, model: nn.Module):
@@ -150,6 +151,10 @@ class Runner:
             staging.mkdir(parents=True)
         dist.barrier()
         weights = self.strategy.trainable_state(self.model)
+        bad = [name for name, tensor in weights.items() if not bool(torch.isfinite(tensor).all())]
+        if bad:  # the same on every rank: the weights are whole
+            raise NonFiniteError(f"step {self.step}: trainable weights are not finite ({', '.join(bad[:5])}); no "
+                                 f"checkpoint written, the last one ({latest_checkpoint(self.output_dir)}) is kept")
         self.strategy.save(self.model, staging)
         torch.save(rng_state(), staging / f"rng_{dist.rank()}.pt")
         if dist.is_main():
@@ -175,7 +180,7 @@ class Runner:
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_main(), desc="train",
                         dynamic_ncols=True)
         last_checkpoint = None
-        window_weight, window_logs, micro = 0.0, {}, 0
+        window_weight, window_logs, window_ids, window_finite, micro = 0.0, {}, [], True, 0
         self.model.train()
         while self.step < self.total_steps:
             if self.data is not None:
@@ -189,6 +194,8 @@ class Runner:
                         out = self.task.train_step(self.wrapped, batch.to(self.device))
                     self.strategy.backward(out.loss, out.weight)
                 window_weight += out.weight
+                window_ids += batch.ids
+                window_finite &= bool(torch.isfinite(out.loss.detach()))
                 for key, value in out.logs.items():
                     # A logged value is weighted by the micro-batch's units, or by its own (value, weight) pair
                     # when it covers only part of the batch (one task's loss in a mixture).
@@ -197,7 +204,9 @@ class Runner:
                     window_logs[key] = (total + value * weight, weights + weight)
                 if not closes_window:
                     continue
-                self.strategy.step(window_weight)
+                stepped = self.strategy.step(window_weight)
+                losses_finite = dist.all_reduce_sum(float(not window_finite)) == 0  # every rank's, on every rank
+                self._check_finite(stepped and losses_finite, window_ids)
                 self.step += 1
                 progress.update(1)
                 if self.step % run.log_interval == 0 or self.step == self.total_steps:
@@ -205,7 +214,7 @@ class Runner:
                     values["lr"] = self.strategy.scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
                     self.logger.log(self.step, "train", values)
-                window_weight, window_logs = 0.0, {}
+                window_weight, window_logs, window_ids, window_finite = 0.0, {}, [], True
                 if run.val_interval and self.step % run.val_interval == 0:
                     self.validate()
                 if run.save_interval and self.step % run.save_interval == 0:
@@ -227,6 +236,22 @@ class Runner:
             last_checkpoint = self._save()
         self.logger.close()
         return last_checkpoint
+
+    def _check_finite(self, finite: bool, sample_ids: list[str]) -> None:
+        """A step whose loss or gradient norm is not finite left the weights as they were: ``run.on_nan: stop``
+        ends the run there, ``skip`` goes on, up to ``run.max_nan_skips`` such steps in a row."""
+        if finite:
+            self.nan_skips = 0
+            return
+        self.nan_skips += 1
+        shown = ", ".join(map(str, sample_ids[:8])) + (" ..." if len(sample_ids) > 8 else "")
+        problem = f"step {self.step + 1}: the loss or the gradient norm is not finite (samples {shown})"
+        if self.run.on_nan == "stop" or self.nan_skips > self.run.max_nan_skips:
+            more = "" if self.run.on_nan == "stop" else f" for {self.nan_skips} steps in a row"
+            raise NonFiniteError(f"{problem}{more}; the weights were not updated, and the last checkpoint "
+                                 f"({latest_checkpoint(self.output_dir) or 'none yet'}) holds the last good ones")
+        log.warning("%s: step skipped (%d in a row; run.max_nan_skips=%d)", problem, self.nan_skips,
+                    self.run.max_nan_skips)
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -253,6 +278,10 @@ class Runner:
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)
         return loss
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or weight; nothing non-finite was saved."""
 
 
 def weighted_means(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
