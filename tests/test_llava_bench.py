@@ -3,6 +3,7 @@ the judge speaks to a real HTTP server (scripted failures included) and resumes,
 model records every question, the unanswered ones included, and resumes."""
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from xllm.eval import llava_bench
 from xllm.eval.judge import ChatClient, JudgeError
 from xllm.eval.llava_bench import main, summarize, summary_json
 from xllm.eval.llava_bench_files import read_records
-from xllm.eval.llava_bench_review import judge_answers, load_benchmark, parse_score, user_message
+from xllm.eval.llava_bench_review import judge_answers, load_benchmark, parse_score, review, user_message
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = {"conv": 85.4, "detail": 83.5, "complex": 84.6, "all": 84.5, "failures": 7}
@@ -41,8 +42,8 @@ def test_the_command_line_reproduces_the_published_figures(published, flags, exp
     out = subprocess.run([sys.executable, "-m", "xllm.eval.llava_bench", "summarize", str(published), *flags,
                           "--json"], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert json.loads(out.splitlines()[-1]) == expected
-    for qid in (0, 31, 33, 36, 39, 69, 84):  # the failures are listed
-        assert f"question {qid}: " in out
+    listed = re.findall(r"^  questions? ([\d, ]+): ", out, flags=re.M)  # the failures, one line per reason
+    assert sorted(int(i) for ids in listed for i in ids.split(", ")) == [0, 31, 33, 36, 39, 69, 84]
 
 
 def test_the_summary_function_reproduces_the_published_figures(published):
@@ -255,6 +256,16 @@ def test_a_judge_that_never_answers_stops_the_run_and_a_rerun_goes_on(bench, scr
     assert len(reviews) == 8 and len(scripted.requests) == 4 + 6
     with pytest.raises(ValueError, match="question 0 was written .* with judge settings"):
         judge_answers(loaded, bench.parent / "answers.jsonl", output, ChatClient(scripted.url, "judge-2"))
+
+
+def test_an_empty_or_filtered_reply_is_a_failure(bench, scripted):
+    loaded, answer = load_benchmark(bench), {"question_id": 0, "text": "Answer 0.", "answer_id": "a0"}
+    client = ChatClient(scripted.url, "judge-1", backoff=0.01)
+    scripted.script = [("reply", ""), ("reply", None)]
+    empty, filtered = (review(loaded, loaded.questions[0], answer, client, swapped=False) for _ in range(2))
+    assert (empty["tuple"], empty["failure"]) == ([-1, -1], "the reply's first line is not two scores: ''")
+    assert (filtered["tuple"], filtered["content"]) == ([-1, -1], None)
+    assert filtered["failure"] == "the reply has no message content (finish_reason 'stop')"
 
 
 def test_a_client_error_is_not_retried(scripted):

@@ -28,7 +28,7 @@ import numpy as np
 from xllm.common.logging import setup_logging
 from xllm.eval.judge import ChatClient
 from xllm.eval.llava_bench_files import read_records
-from xllm.eval.llava_bench_review import FAILED, judge_answers, load_benchmark, parse_score
+from xllm.eval.llava_bench_review import FAILED, first_line, judge_answers, load_benchmark, parse_score
 
 DEFAULT_REFERENCE = 2  # X-LLM's published review.json: Assistant 1 is X-LLM, Assistant 2 the GPT-4 reference
 DEFAULT_BENCH_DIR = "../shared/benchmarks/llava_bench_coco"  # beside a checkout, run from the checkout
@@ -77,12 +77,12 @@ def score(review: dict, index: int, reference: int, source: str) -> Scored:
             raise ValueError(f"{where} has neither 'tuple' nor 'content'")
         parsed = parse_score(review["content"])
         pair = FAILED if parsed is None else list(parsed)
-    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, (int, float)) for s in pair)):
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, (int, float)) for s in pair)):
         raise ValueError(f"{where}: 'tuple' must be two numbers, got {pair!r}")
     failure = review.get("failure")
     if failure is None and list(pair) == FAILED:
         content = review.get("content")
-        failure = (f"[-1, -1]: the reply's first line is not two scores: {content.split(chr(10))[0][:120]!r}"
+        failure = (f"[-1, -1]: the reply's first line is not two scores: {first_line(content)[:120]!r}"
                    if isinstance(content, str) and parse_score(content) is None else "its tuple is [-1, -1]")
     model, ref = (pair[1], pair[0]) if assistant == 1 else (pair[0], pair[1])
     return Scored(review.get("question_id"), review.get("category"), float(model), float(ref), assistant, failure)
@@ -130,17 +130,24 @@ def format_summary(summary: Summary, source: str) -> str:
                   None if g.reference is None else g.reference * 10)]
         return f"{name:<22}{g.reviews:>8}{shown[0]:>10}{shown[1]:>11}{shown[2]:>15}"
 
+    recorded = f"as recorded in {summary.reference_recorded} reviews" if summary.reference_recorded else ""
+    unrecorded = (f"Assistant {summary.reference_default} in the {summary.reference_unrecorded} that do not "
+                  "record it" if summary.reference_unrecorded else "")
     lines = [f"LLaVA-Bench (COCO) summary of {source}",
-             f"reference answer: as recorded in {summary.reference_recorded} reviews; Assistant "
-             f"{summary.reference_default} in the {summary.reference_unrecorded} that do not record it",
+             f"reference answer: {'; '.join(filter(None, (recorded, unrecorded)))}",
              "failures " + ("averaged in as [-1, -1] (LLaVA's way)" if summary.failures_counted
                             else "left out of the means (--exclude-failures)"),
              f"{'category':<22}{'reviews':>8}{'relative':>10}{'model x10':>11}{'reference x10':>15}"]
     lines += [row(name, g) for name, g in summary.groups.items()]
     lines += [row(f"{ALL} (reference {'1st' if o == 1 else '2nd'})", g) for o, g in summary.by_order.items()]
-    lines.append(f"{len(summary.failures)} failures" + (":" if summary.failures else ""))
-    lines += [f"  question {s.question_id}" + (f" (reference {s.reference_assistant})" if summary.by_order else "")
-              + f": {s.failure}" for s in summary.failures]
+    lines.append(f"{len(summary.failures)} failures" + (", by reason:" if summary.failures else ""))
+    by_reason: dict[str, dict[int, list[str]]] = {}
+    for s in summary.failures:  # one line per reason: a missing image fails its three questions alike
+        by_reason.setdefault(s.failure, {}).setdefault(s.reference_assistant, []).append(str(s.question_id))
+    for reason, orders in by_reason.items():
+        ids = [", ".join(found) + (f" (reference {'1st' if o == 1 else '2nd'})" if summary.by_order else "")
+               for o, found in sorted(orders.items())]
+        lines.append(f"  question{'s' if sum(map(len, orders.values())) > 1 else ''} {', '.join(ids)}: {reason}")
     return "\n".join(lines)
 
 

@@ -26,13 +26,17 @@ QUESTIONS, REFERENCES, CONTEXT, RULE = ("qa90_questions.jsonl", "qa90_gpt4_answe
                                         "caps_boxes_coco2014_val_80.jsonl", "rule.json")
 
 
+def first_line(text: str) -> str:
+    return text.split("\n")[0]
+
+
 def parse_score(content: str | None) -> tuple[float, float] | None:
     """The two scores on the reply's first line, exactly as LLaVA reads them: commas become spaces and the line is
     split on single spaces, so ``"8 9"`` and ``"8,9"`` are scores and ``"8, 9"`` (three tokens) is not. None when
     the line is not two numbers: a failure."""
     if content is None:
         return None
-    tokens = content.split("\n")[0].replace(",", " ").split(" ")
+    tokens = first_line(content).replace(",", " ").split(" ")
     if len(tokens) != 2:
         return None
     try:
@@ -97,15 +101,16 @@ def review(bench: Benchmark, question: dict, answer: dict, client: ChatClient, s
     ``[-1, -1]`` tuple and says why in ``failure``, so the summary can count it or leave it out."""
     qid = question["question_id"]
     reference = bench.references[qid]
-    ids = [reference.get("answer_id", qid), answer.get("answer_id", qid)]
-    record = {"question_id": qid, "answer1_id": ids[swapped], "answer2_id": ids[not swapped],
-              "category": question["category"], "reference": 2 if swapped else 1, "swapped": swapped,
+    # LLaVA's order, reference first; the swapped pass puts the model's answer first.
+    first, second = (answer, reference) if swapped else (reference, answer)
+    record = {"question_id": qid, "answer1_id": first.get("answer_id", qid),
+              "answer2_id": second.get("answer_id", qid), "category": question["category"],
+              "reference": 2 if swapped else 1, "swapped": swapped,
               "judge": {**client.settings(), "model": None}}
     if answer.get("text") is None:
         reason = (answer.get("metadata") or {}).get("unanswered", "no answer text")
         return {**record, "content": None, "tuple": FAILED, "failure": f"unanswered: {reason}"}
-    texts = [reference["text"], answer["text"]]
-    content = user_message(question, bench.contexts[question["image"]], texts[swapped], texts[not swapped],
+    content = user_message(question, bench.contexts[question["image"]], first["text"], second["text"],
                            bench.rule[question["category"]])
     reply = client.complete([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}])
     record["judge"]["model"] = reply.model
@@ -115,10 +120,9 @@ def review(bench: Benchmark, question: dict, answer: dict, client: ChatClient, s
     if reply.content is None:
         failure = f"the reply has no message content (finish_reason {reply.finish_reason!r})"
     else:
-        failure = f"the reply's first line is not two scores: {reply.content.splitlines()[0][:200]!r}"
+        failure = f"the reply's first line is not two scores: {first_line(reply.content)[:200]!r}"
     log.warning("question %s%s: %s", qid, " (swapped)" if swapped else "", failure)
     return {**record, "content": reply.content, "tuple": FAILED, "failure": failure}
-
 
 
 def judge_answers(bench: Benchmark, answers_path: Path, output: Path, client: ChatClient,
@@ -150,7 +154,7 @@ def judge_answers(bench: Benchmark, answers_path: Path, output: Path, client: Ch
     rewrite_records(output, reviews)
     failures = [r for r in reviews if "failure" in r]
     log.info("%d reviews in %s, %d failures%s", len(reviews), output, len(failures),
-             f" (questions {', '.join(str(r['question_id']) for r in failures)})" if failures else "")
+             f" (questions {', '.join(map(str, sorted({r['question_id'] for r in failures})))})" if failures else "")
     return reviews
 
 
