@@ -137,7 +137,7 @@ def judge_answers(bench: Benchmark, answers_path: Path, output: Path, client: Ch
     if missing or extra:
         raise ValueError(f"{answers_path} must answer exactly the benchmark's questions: "
                          f"missing {missing or 'none'}, unknown question ids {extra or 'none'}")
-    done = {(r["question_id"], r["swapped"]): r for r in read_resumable(output, "review")}
+    done = {(r["question_id"], r.get("swapped", False)): r for r in read_resumable(output, "review")}
     passes = (False, True) if swap else (False,)
     for swapped in passes:
         for question in bench.questions:
@@ -162,10 +162,10 @@ def check_resumed(stored: dict, answer: dict, client: ChatClient, output: Path) 
     """A review kept from an earlier run must be of this answer, by this judge, with these settings."""
     qid = stored["question_id"]
     answer_id = answer.get("answer_id", qid)
-    reviewed = stored["answer1_id"] if stored["swapped"] else stored["answer2_id"]
+    reviewed = stored.get("answer1_id") if stored.get("swapped") else stored.get("answer2_id")
     asked = {k: v for k, v in client.settings().items() if k != "base_url"}
     kept = {k: stored.get("judge", {}).get(k) for k in asked}
     if reviewed != answer_id or kept != asked:
-        raise ValueError(f"{output}: the review of question {qid}{' (swapped)' if stored['swapped'] else ''} was "
+        raise ValueError(f"{output}: the review of question {qid}{' (swapped)' if stored.get('swapped') else ''} was "
                          f"written for answer {reviewed!r} with judge settings {kept}; this run judges answer "
                          f"{answer_id!r} with {asked}: write the reviews to another --output")
