@@ -28,7 +28,7 @@ ALLOWED = {
     "demo": {"common", "processors", "models"},
     "serve": {"demo"},
     "infer": {"common", "processors", "models", "demo"},
-    "plot": {"common", "world"},
+    "plot": {"common", "world", "eval"},
 }
 # Entry points inside a package that build a model from a run config, as evaluate.py does, and so may import any
 # layer; only their own package's command line imports them.

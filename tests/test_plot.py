@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from xllm.plot import MISSING, confusion_tables, confusions, curves
+from xllm.plot import MISSING, confusion_tables, confusions, curves, llava_bench_bars
 from xllm.world.scenes import Scene, Shape, caption as scene_caption
 
 pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install 'xllm[plot]'")
@@ -44,3 +44,11 @@ def test_curves_and_confusion_tables_are_written(tmp_path):
     (run / "log.jsonl").write_text(json.dumps({"step": 1, "split": "val", "loss": 1.0}))
     with pytest.raises(ValueError, match="no training rows"):
         curves(run, tmp_path / "x.png")
+
+
+def test_llava_bench_bars_are_drawn_from_a_review_file(tmp_path):
+    reviews = [{"question_id": i, "category": category, "tuple": [6.0, 8.0]}
+               for i, category in enumerate(["conv", "detail", "complex"])]
+    path = tmp_path / "reviews.json"
+    path.write_text(json.dumps(reviews))
+    assert llava_bench_bars(path, tmp_path / "bars.png").stat().st_size > 10_000

@@ -5,6 +5,8 @@
 - An evaluation folder (``predictions.jsonl`` of ``evaluate.py`` on the synthetic world's captions): a confusion
   table per attribute (kind, colour, size, position), reference shape against the shape named in the same place
   of the generated caption (``missing`` when the caption names fewer shapes).
+- A LLaVA-Bench review file (``python -m xllm.eval.llava_bench judge``'s output, or a published one): the score
+  relative to GPT-4 per category, beside GPT-4 (100) and X-LLM's published figures.
 
 Needs matplotlib (``pip install 'xllm[plot]'``).
 """
@@ -16,9 +18,12 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from xllm.eval.llava_bench import summarize
+from xllm.eval.llava_bench_files import read_records
 from xllm.world.scenes import ATTRIBUTES, parse_caption
 
 MISSING = "missing"
+XLLM_PUBLISHED = {"conv": 85.4, "detail": 83.5, "complex": 84.6, "all": 84.5}  # the paper's LLaVA-Bench (COCO) table
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -103,12 +108,40 @@ def confusion_tables(eval_dir: Path, out: Path) -> Path:
     return out
 
 
+def llava_bench_bars(reviews: Path, out: Path, exclude_failures: bool = False) -> Path:
+    """Relative scores per category (model / GPT-4, %), beside GPT-4 and X-LLM's published figures."""
+    summary = summarize(read_records(reviews, "reviews"), exclude_failures, source=str(reviews))
+    names = list(summary.groups)
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.27
+    series = [("GPT-4 (reference)", [100.0] * len(names)),
+              (f"{reviews.name}, summarised here", [summary.groups[n].relative or 0 for n in names]),
+              ("X-LLM (published)", [XLLM_PUBLISHED.get(n, 0.0) for n in names])]
+    for offset, (label, values) in enumerate(series):
+        bars = axis.bar([i + (offset - 1) * width for i in range(len(names))], values, width, label=label)
+        axis.bar_label(bars, fmt="%.1f", fontsize=7)
+    failures = f", {len(summary.failures)} failures {'counted' if summary.failures_counted else 'left out'}"
+    axis.set(xticks=range(len(names)), ylabel="score relative to GPT-4 (%)", ylim=(0, 135),
+             title=f"LLaVA-Bench (COCO): {reviews.name}{failures}")
+    axis.set_xticklabels(names)
+    axis.legend(fontsize=8, loc="upper center", ncol=3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="a run folder (log.jsonl) or an evaluation folder (predictions.jsonl)")
-    parser.add_argument("--out", type=Path, help="the PNG to write (default: inside the folder)")
+    parser.add_argument("folder", type=Path, help="a run folder (log.jsonl), an evaluation folder "
+                                                  "(predictions.jsonl) or a LLaVA-Bench review file")
+    parser.add_argument("--out", type=Path, help="the PNG to write (default: beside the input)")
+    parser.add_argument("--exclude-failures", action="store_true", help="LLaVA-Bench: leave unparsed reviews out")
     args = parser.parse_args()
-    if (args.folder / "log.jsonl").is_file():
+    if args.folder.is_file():
+        print(llava_bench_bars(args.folder, args.out or args.folder.with_suffix(".png"), args.exclude_failures))
+    elif (args.folder / "log.jsonl").is_file():
         print(curves(args.folder, args.out or args.folder / "curves.png"))
     elif (args.folder / "predictions.jsonl").is_file():
         print(confusion_tables(args.folder, args.out or args.folder / "confusion.png"))
