@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from xllm import zoo
 from xllm.common import dist
 from xllm.common.config import save_config
+from xllm.common.paths import ensure_writable
 from xllm.common.logging import setup_logging
 from xllm.config import load_config, per_process_batch_size
 from xllm.datasets.build import build_split
@@ -35,6 +36,7 @@ def main() -> None:
     setup_logging()
     cfg = load_config(args.cfg_path, args.options)
     run = cfg.run
+    ensure_writable(run.output_dir, "run.output_dir")  # before any work: a read-only folder fails here
     if args.resume:
         run.resume = args.resume
     dist.init_distributed()

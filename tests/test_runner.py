@@ -161,3 +161,44 @@ def load_config_model(model_cfg):
     from xllm.models.config import resolve_model
 
     return resolve_model(model_cfg)
+
+
+def test_resume_cuts_the_log_back_and_refuses_another_model_config(tmp_path, micro_model_cfg, micro_world):
+    cfg = make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=4, save_interval=2, keep_last=3)
+    make_runner(cfg).train()
+    log = tmp_path / "run" / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "split": "train", "lo')  # a line cut by a kill
+    resumed = make_runner(cfg)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "step_2")
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 2  # what the stopped run wrote after step 2 is gone
+    resumed.train()
+    train_steps = [row["step"] for row in map(json.loads, log.read_text().splitlines()) if row["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4]  # each step once
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step_2" / "manifest.json").read_text())
+    assert manifest["model_config"]["trainable"] == ["interfaces.image", "adapters.image"]
+    assert len(manifest["model_config_sha256"]) == 64 and manifest["xllm_version"]
+    image = {**micro_model_cfg["modalities"]["image"],
+             "interface": {**micro_model_cfg["modalities"]["image"]["interface"], "dropout": 0.3}}
+    other = make_cfg(tmp_path, {**micro_model_cfg, "modalities": {"image": image}}, micro_world, max_steps=4)
+    with pytest.raises(ValueError, match=r"written by another model config \(1 keys differ\): "
+                                         r"model.modalities.image.interface.dropout: 0.0 in the checkpoint, 0.3 now"):
+        make_runner(other).resume(tmp_path / "run" / "checkpoints" / "step_2")
+    checkpointing = make_cfg(tmp_path, {**micro_model_cfg, "activation_checkpointing": ["llm"]}, micro_world,
+                             max_steps=4)
+    make_runner(checkpointing).resume(tmp_path / "run" / "checkpoints" / "step_2")  # memory options may change
+
+
+def test_an_unwritable_output_folder_and_a_missing_local_llm_are_named(tmp_path, micro_model_cfg):
+    from xllm.common.paths import ensure_writable, looks_local
+    from xllm.models.config import resolve_model
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the run folder should be")
+    with pytest.raises(PermissionError, match=f"run.output_dir: cannot write to {blocker}"):
+        ensure_writable(blocker, "run.output_dir")
+    assert ensure_writable(tmp_path / "new" / "run", "run.output_dir").is_dir()
+    assert looks_local("./models/llm") and looks_local("/data/llm") and looks_local("zoo:tiny/llm")
+    assert not looks_local("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match=r"llm.path './no/such/llm': the folder no/such/llm does not exist"):
+        build_model(resolve_model({**micro_model_cfg, "llm": {"backend": "hf_causal", "path": "./no/such/llm"}}))

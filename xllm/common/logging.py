@@ -24,9 +24,28 @@ class MetricLogger:
             return
         self.path = Path(output_dir) / "log.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = self._writer()
+
+    def _writer(self, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
-        self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        return SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge_step)
+
+    def cut_back(self, step: int) -> None:
+        """On resume from ``step``: the rows a stopped run wrote after its checkpoint go (and a half-written last
+        line), and TensorBoard drops its events after the step, so no step appears twice."""
+        if not self.enabled:
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.tensorboard.close()
+        self.tensorboard = self._writer(purge_step=step + 1)
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:

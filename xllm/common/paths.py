@@ -60,3 +60,24 @@ def is_current(marker: Path, spec) -> bool:
 
 def mark_current(marker: Path, spec) -> None:
     marker.write_text(json.dumps(asdict(spec)))
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a model path names a folder on this machine rather than a Hub id (``org/name``): absolute,
+    relative with ``.`` or ``~``, ``zoo:``, or more than one ``/``."""
+    return spec.startswith(("/", ".", "~", ZOO_PREFIX)) or spec.count("/") > 1 or "\\" in spec
+
+
+def ensure_writable(folder: str | Path, key: str) -> Path:
+    """``folder`` created if needed and proven writable (a probe file written and removed), before any work;
+    an error naming the config ``key`` otherwise."""
+    folder = resolve_path(folder)
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"{key}: cannot write to {folder} ({error.strerror or error}); choose another "
+                              "folder or free this one") from None
+    return folder

@@ -10,13 +10,16 @@ every value reduced over ranks, and checkpoints that resume to the same step, da
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 import random
 import shutil
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -30,6 +33,9 @@ from xllm.runners.parallel import make_strategy
 from xllm.runners.schedule import lr_factor
 
 STATE = "trainer_state.pt"  # scheduler, step, epoch, samples seen: tensors and plain containers only
+MANIFEST = "manifest.json"  # what wrote the checkpoint: library version, the model config and its hash
+# Model options that change memory or speed but no weight: a run may resume with them changed.
+RESUMABLE_CHANGES = ("activation_checkpointing", "frozen_dtype", "llm.dtype")
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,7 @@ class Runner:
         if samples % self._samples_per_batch():
             raise ValueError(f"{folder}: {samples} samples of epoch {state['epoch']} seen, which {dist.world_size()} "
                              f"processes x batch {self.run.batch_size} cannot continue from exactly")
+        check_manifest(folder, self.model)
         self.strategy.load(self.model, folder)
         self.strategy.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -140,6 +147,7 @@ class Runner:
             log.warning("%s holds no RNG state for rank %d: seeding it from the step", folder, dist.rank())
             torch.manual_seed(self.run.seed + dist.rank() + 1000 * self.step)
             random.seed(self.run.seed + dist.rank() + 1000 * self.step)
+        self.logger.cut_back(self.step)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, self.epoch, self.batches_done)
 
     def _save(self) -> Path:
@@ -159,6 +167,7 @@ class Runner:
         torch.save(rng_state(), staging / f"rng_{dist.rank()}.pt")
         if dist.is_main():
             save_file(weights, str(staging / WEIGHTS))
+            (staging / MANIFEST).write_text(json.dumps(manifest(self.model, self.step), indent=1))
             torch.save({"scheduler": self.strategy.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                         "samples_done": self.batches_done * self._samples_per_batch(),
                         "world_size": dist.world_size()}, staging / STATE)
@@ -282,6 +291,45 @@ class Runner:
 
 class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient norm or weight; nothing non-finite was saved."""
+
+
+def manifest(model: nn.Module, step: int) -> dict:
+    config = model_config(model)
+    return {"xllm_version": library_version(), "step": step, "world_size": dist.world_size(),
+            "model_config": config, "model_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True)
+                                                                           .encode()).hexdigest()}
+
+
+def check_manifest(folder: Path, model: nn.Module) -> None:
+    """A checkpoint resumes only into the model config that wrote it: the differing keys are the error."""
+    file = folder / MANIFEST
+    if not file.is_file():
+        log.warning("%s has no %s: the model config it was written with cannot be checked", folder, MANIFEST)
+        return
+    saved, current = flatten(json.loads(file.read_text())["model_config"]), flatten(model_config(model))
+    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k)
+                       and not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES))
+    if differing:
+        listing = "; ".join(f"model.{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in differing[:8])
+        raise ValueError(f"{folder} was written by another model config ({len(differing)} keys differ): {listing}")
+
+
+def model_config(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return OmegaConf.to_container(config) if isinstance(config, DictConfig) else {}
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def library_version() -> str:
+    try:
+        return importlib.metadata.version("xllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def weighted_means(sums: dict[str, tuple[float, float]]) -> dict[str, float]:

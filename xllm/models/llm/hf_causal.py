@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.generation.streamers import BaseStreamer
 
 from xllm.common.dtypes import torch_dtype
-from xllm.common.paths import ZOO_PREFIX, resolve_path
+from xllm.common.paths import ZOO_PREFIX, looks_local, resolve_path
 from xllm.models.llm.base import LLMBackend
 from xllm.models.registry import register_llm
 from xllm.processors.batch import IGNORE_INDEX
@@ -74,6 +74,9 @@ class HFCausalLM(LLMBackend):
         folder = resolve_path(cfg.path)
         if cfg.path.startswith(ZOO_PREFIX) and not folder.is_dir():
             raise FileNotFoundError(f"LLM folder {folder} is missing: build the zoo (python -m xllm.zoo build tiny)")
+        if looks_local(cfg.path) and not folder.is_dir():
+            raise FileNotFoundError(f"llm.path {cfg.path!r}: the folder {folder} does not exist (a path, not a Hub "
+                                    "id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
         source = str(folder) if folder.exists() else cfg.path  # not a folder: a hub name
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
