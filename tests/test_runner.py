@@ -202,3 +202,26 @@ def test_an_unwritable_output_folder_and_a_missing_local_llm_are_named(tmp_path,
     assert not looks_local("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(FileNotFoundError, match=r"llm.path './no/such/llm': the folder no/such/llm does not exist"):
         build_model(resolve_model({**micro_model_cfg, "llm": {"backend": "hf_causal", "path": "./no/such/llm"}}))
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_beside_the_last(tmp_path, micro_model_cfg, micro_world):
+    from xllm.common.checkpoint import publish, staging_folder
+    from xllm.runners.runner import best_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None)]:
+        folder = staging_folder(checkpoints / f"step_{step}")
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"val_loss": loss}))
+        publish(checkpoints / f"step_{step}", keep_last=1, keep=best_checkpoint)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2", "step_4"]  # the best and the last
+    # In a run: the manifests record each checkpoint's validation loss.
+    cfg = make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=3, save_interval=1, val_interval=1,
+                   keep_last=1, keep_best=True, val_max_batches=1)
+    make_runner(cfg).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    val = {row["step"]: row["loss"] for row in rows if row["split"] == "val"}
+    best = min(val, key=val.get)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == sorted({f"step_{best}", "step_3"})
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / f"step_{best}" / "manifest.json").read_text())
+    assert manifest["val_loss"] == val[best]

@@ -51,6 +51,7 @@ class RunConfig:
     val_max_batches: int | None = None
     save_interval: int | None = None  # optimizer steps between checkpoints; None: once per epoch
     keep_last: int = 2
+    keep_best: bool = False  # also keep the checkpoint with the lowest validation loss, however old
     on_nan: str = choice("skip", "stop")  # a step with a non-finite loss or gradient norm: skipped, or the end
     max_nan_skips: int = 3  # such steps in a row that are skipped before the run stops
     resume: str | None = None

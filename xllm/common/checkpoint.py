@@ -184,9 +184,10 @@ def staging_folder(folder: Path) -> Path:
     return folder.with_name(folder.name + ".tmp")
 
 
-def publish(folder: Path, keep_last: int) -> Path:
+def publish(folder: Path, keep_last: int, keep: Callable[[list[Path]], Path | None] | None = None) -> Path:
     """Moves the staged ``folder`` into place atomically, its files flushed to disk first, and prunes older step
-    folders beyond ``keep_last``: a kill at any moment leaves the previous checkpoint whole."""
+    folders beyond ``keep_last``, except the one ``keep`` picks among them all (the best): a kill at any moment
+    leaves the previous checkpoint whole."""
     tmp = staging_folder(folder)
     for file in tmp.rglob("*"):
         if file.is_file():
@@ -200,8 +201,11 @@ def publish(folder: Path, keep_last: int) -> Path:
     finally:
         os.close(directory)
     if keep_last > 0:
-        for old in step_folders(folder.parent)[:-keep_last]:
-            shutil.rmtree(old)
+        folders = step_folders(folder.parent)
+        kept = keep(folders) if keep is not None else None
+        for old in folders[:-keep_last]:
+            if old != kept:
+                shutil.rmtree(old)
     return folder
 
 

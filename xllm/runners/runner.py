@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import random
 import shutil
 from pathlib import Path
@@ -89,6 +90,7 @@ class Runner:
         self.wrapped = self.strategy.prepare(self.model, self._optimizer)
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.validated_at: int | None = None
+        self.val_loss: float | None = None  # the latest validation loss, recorded in each checkpoint's manifest
         self.nan_skips = 0  # steps in a row whose loss or gradient norm was not finite
         self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
 
@@ -167,13 +169,13 @@ class Runner:
         torch.save(rng_state(), staging / f"rng_{dist.rank()}.pt")
         if dist.is_main():
             save_file(weights, str(staging / WEIGHTS))
-            (staging / MANIFEST).write_text(json.dumps(manifest(self.model, self.step), indent=1))
+            (staging / MANIFEST).write_text(json.dumps(manifest(self.model, self.step, self.val_loss), indent=1))
             torch.save({"scheduler": self.strategy.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                         "samples_done": self.batches_done * self._samples_per_batch(),
                         "world_size": dist.world_size()}, staging / STATE)
         dist.barrier()
         if dist.is_main():
-            publish(folder, self.run.keep_last)
+            publish(folder, self.run.keep_last, best_checkpoint if self.run.keep_best else None)
             log.info("saved %s", folder)
         dist.barrier()
         return folder
@@ -284,6 +286,7 @@ class Runner:
         random.setstate(state[1])
         self.model.train()
         loss = total_loss / max(total_weight, 1)
+        self.val_loss = loss
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)
         return loss
@@ -293,11 +296,22 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient norm or weight; nothing non-finite was saved."""
 
 
-def manifest(model: nn.Module, step: int) -> dict:
+def manifest(model: nn.Module, step: int, val_loss: float | None) -> dict:
     config = model_config(model)
-    return {"xllm_version": library_version(), "step": step, "world_size": dist.world_size(),
+    return {"xllm_version": library_version(), "step": step, "world_size": dist.world_size(), "val_loss": val_loss,
             "model_config": config, "model_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True)
                                                                            .encode()).hexdigest()}
+
+
+def best_checkpoint(folders: list[Path]) -> Path | None:
+    """The step folder whose manifest records the lowest validation loss (``run.keep_best``)."""
+    losses = {}
+    for folder in folders:
+        file = folder / MANIFEST
+        loss = json.loads(file.read_text())["val_loss"] if file.is_file() else None
+        if loss is not None and math.isfinite(loss):
+            losses[folder] = loss
+    return min(losses, key=losses.get) if losses else None
 
 
 def check_manifest(folder: Path, model: nn.Module) -> None:
