@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from xllm.processors.registry import register_processor
 
@@ -20,14 +20,34 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """The image at ``path`` as RGB; a missing or unreadable file raises an error naming it."""
+    """The image at ``path`` as the RGB pixels a viewer shows: turned as its EXIF orientation says, 16-bit and
+    palette images brought to 8-bit RGB, transparency laid over white. A missing, unreadable or truncated file,
+    or one with more pixels than PIL's decompression-bomb limit, raises an error naming it."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image = ImageOps.exif_transpose(image)
+            return as_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image file {path} refused: {error}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL reports some corrupt headers as SyntaxError
         raise ValueError(f"cannot read image file {path}: {error}") from None
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's own conversion clips 16-bit values at 255; a viewer scales them down.
+        wide = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(wide / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 @register_processor("image")
