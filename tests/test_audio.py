@@ -206,3 +206,14 @@ def test_processor_too_long(caplog):
     assert any("long_one" in r.getMessage() and "trimmed" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="long_one"):
         AudioProcessor(max_seconds=2.0, on_too_long="error")(audio, utt_id="long_one")
+
+
+def test_processor_refuses_non_finite_samples_by_name(tmp_path):
+    audio = sine(440.0, 0.5, 16000)
+    audio[100:103] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(ValueError, match=r"utterance 'u9' \(<array>\): audio holds 3 NaN or infinite samples"):
+        AudioProcessor()(audio, utt_id="u9")
+    path = tmp_path / "nan.wav"
+    sf.write(path, audio, 16000, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"nan\.wav: audio holds 3 NaN or infinite samples"):
+        AudioProcessor()(path)

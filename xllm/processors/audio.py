@@ -231,6 +231,8 @@ class AudioProcessor(AudioConfig):
         name = f"utterance {utt_id!r} ({source})" if utt_id is not None else source
         if audio.size == 0:
             raise ValueError(f"{name}: audio is empty")
+        if not np.isfinite(audio).all():  # features of NaN samples would be NaN, and so would the loss
+            raise ValueError(f"{name}: audio holds {int((~np.isfinite(audio)).sum())} NaN or infinite samples")
         audio = self._limit_length(audio, name)
         if is_silent(audio):
             key = utt_id if utt_id is not None else source
