@@ -116,3 +116,18 @@ def test_a_training_stream_is_dealt_by_rank_shuffled_and_resumable(micro_world, 
     assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}  # shards dealt, no overlap
     with pytest.raises(ValueError, match="3 shards cannot be dealt to 4 processes"):
         stream_ids(stream(0, 4), 2, workers=0)
+
+
+@pytest.mark.parametrize("caption", [None, "", "   ", 7, ["a"]])
+def test_a_caption_that_is_not_text_is_named_or_skipped(tmp_path, caption):
+    folder_with(tmp_path, [{"image": "ok.png", "caption": "a"}, {"image": "ok.png", "caption": caption}])
+    with pytest.raises(ValueError, match=r"record 1 in .*train\.json: field 'caption' must be a non-empty string"):
+        build(tmp_path)
+    assert len(build(tmp_path, on_bad_sample="skip")) == 1
+
+
+def test_an_annotation_file_that_is_not_utf8_is_named(tmp_path):
+    folder_with(tmp_path, [])
+    (tmp_path / "annotations" / "train.json").write_bytes('[{"image": "ok.png", "caption": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train\.json is not UTF-8 text"):
+        build(tmp_path)

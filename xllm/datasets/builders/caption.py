@@ -82,7 +82,10 @@ def read_json_list(path: Path, what: str) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); JSON annotation files "
+                         "must be UTF-8") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(records, list):
@@ -101,6 +104,11 @@ def read_caption_records(path: Path, caption_field: str, image_root: Path, on_ba
         missing = [f for f in (media_field, caption_field) if not isinstance(record, dict) or f not in record]
         if missing:
             problem = f"record {index} in {path} lacks field {missing[0]!r}"
+        elif not isinstance(record[caption_field], str) or not record[caption_field].strip():
+            problem = (f"record {index} in {path}: field {caption_field!r} must be a non-empty string, got "
+                       f"{record[caption_field]!r}"[:300])
+        elif not isinstance(record[media_field], str):
+            problem = f"record {index} in {path}: field {media_field!r} must be a file name, got {record[media_field]!r}"
         elif not (image_root / record[media_field]).is_file():
             problem = f"record {index} in {path}: {media_field} file not found: {image_root / record[media_field]}"
         if problem is None:
