@@ -15,6 +15,7 @@ from xllm.common.paths import ensure_writable
 from xllm.common.logging import setup_logging
 from xllm.config import load_config, per_process_batch_size
 from xllm.datasets.build import build_split
+from xllm.datasets.guard import scan
 from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.datasets.mixture import concat, training_set
 from xllm.models.builder import build_model
@@ -53,6 +54,8 @@ def main() -> None:
         print(f"config saved to {save_config(cfg, run.output_dir)}")
     model = build_model(cfg.model)
     task = TASKS.get(run.task)(run)
+    if run.max_bad_fraction is not None:  # every sample read once: too much bad data stops the run here
+        scan(train_parts, run.max_bad_fraction)
     train_set = training_set(train_parts, cfg.datasets, run.seed)
     train_loader = training_loader(train_set, task.collator(model, training=True), run.batch_size, run.seed,
                                    run.num_workers)

@@ -54,6 +54,8 @@ class RunConfig:
     keep_best: bool = False  # also keep the checkpoint with the lowest validation loss, however old
     on_nan: str = choice("skip", "stop")  # a step with a non-finite loss or gradient norm: skipped, or the end
     max_nan_skips: int = 3  # such steps in a row that are skipped before the run stops
+    # The share of unreadable training samples (replaced with on_bad_sample: skip) past which the run stops.
+    max_bad_fraction: float | None = None
     resume: str | None = None
     max_new_tokens: int = 40
     num_beams: int = 1

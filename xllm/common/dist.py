@@ -60,22 +60,28 @@ def reduce_weighted(sums: dict[str, tuple[float, float]]) -> dict[str, tuple[flo
     mixture)."""
     if not dist.is_initialized():
         return sums
-    gathered: list = [None] * world_size()
-    dist.all_gather_object(gathered, sums)
     reduced: dict[str, tuple[float, float]] = {}
-    for part in gathered:
+    for part in gather_objects(sums):
         for key, (total, weight) in part.items():
             old = reduced.get(key, (0.0, 0.0))
             reduced[key] = (old[0] + total, old[1] + weight)
     return dict(sorted(reduced.items()))
 
 
+def gather_objects(value) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def check_same_everywhere(text: str, what: str) -> None:
     """Every rank raises the same error when the ranks' ``text`` (a config) differ: none is left waiting."""
     if not dist.is_initialized():
         return
-    digests: list = [None] * world_size()
-    dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
+    digests = gather_objects(hashlib.sha256(text.encode()).hexdigest())
     differing = [r for r, d in enumerate(digests) if d != digests[0]]
     if differing:
         raise ValueError(f"ranks {differing} were started with a different {what} than rank 0 (hashes "

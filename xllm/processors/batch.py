@@ -34,6 +34,8 @@ class Batch:
     answers: list[str | None] = field(default_factory=list)  # references for evaluation
     langs: list[str | None] = field(default_factory=list)
     tasks: list[str | None] = field(default_factory=list)  # a mixture's dataset name per sample
+    # Unreadable samples replaced (training) or dropped (evaluation) in this batch: dataset, record, error.
+    bad: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -124,6 +124,11 @@ class Collator:
     def __call__(self, samples: list[dict]) -> Batch:
         if not samples:
             raise ValueError("a batch needs at least one sample")
+        # Problems of unreadable samples travel with the batch; a dropped one (evaluation) leaves it.
+        bad = [problem for sample in samples for problem in sample.get("bad", ())]
+        samples = [{k: v for k, v in s.items() if k != "bad"} for s in samples if not s.get("dropped")]
+        if not samples:
+            return Batch(ids=[], modalities=self.modalities, bad=bad)
         for index, sample in enumerate(samples):
             unknown = sorted(set(sample) - set(TEXT_FIELDS) - set(self.modalities))
             if unknown:
@@ -132,7 +137,7 @@ class Collator:
         ids = [str(s.get("id", i)) for i, s in enumerate(samples)]
         answers = [s.get("answer") for s in samples]
         batch = Batch(ids=ids, answers=answers, langs=[s.get("lang") for s in samples],
-                      tasks=[s.get("task") for s in samples], modalities=self.modalities)
+                      tasks=[s.get("task") for s in samples], modalities=self.modalities, bad=bad)
         for modality in self.modalities:
             items = [item for s in samples for item in media_list(s.get(modality))]
             if items:

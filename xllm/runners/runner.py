@@ -92,6 +92,8 @@ class Runner:
         self.validated_at: int | None = None
         self.val_loss: float | None = None  # the latest validation loss, recorded in each checkpoint's manifest
         self.nan_skips = 0  # steps in a row whose loss or gradient norm was not finite
+        self.bad_samples: list[dict] = []  # unreadable samples this rank replaced (xllm.datasets.guard)
+        self.bad_total = self.read_total = 0.0  # every rank's, since the run (or its resume) started
         self.logger = MetricLogger(self.output_dir, enabled=dist.is_main())
 
     def _optimizer(self, model: nn.Module):
@@ -192,6 +194,7 @@ class Runner:
                         dynamic_ncols=True)
         last_checkpoint = None
         window_weight, window_logs, window_ids, window_finite, micro = 0.0, {}, [], True, 0
+        window_bad = window_read = 0
         self.model.train()
         while self.step < self.total_steps:
             if self.data is not None:
@@ -206,6 +209,9 @@ class Runner:
                     self.strategy.backward(out.loss, out.weight)
                 window_weight += out.weight
                 window_ids += batch.ids
+                window_read += len(batch)
+                self._note_bad(batch.bad)
+                window_bad += len(batch.bad)
                 window_finite &= bool(torch.isfinite(out.loss.detach()))
                 for key, value in out.logs.items():
                     # A logged value is weighted by the micro-batch's units, or by its own (value, weight) pair
@@ -215,6 +221,7 @@ class Runner:
                     window_logs[key] = (total + value * weight, weights + weight)
                 if not closes_window:
                     continue
+                self._check_bad_fraction(window_bad, window_read)
                 stepped = self.strategy.step(window_weight)
                 losses_finite = dist.all_reduce_sum(float(not window_finite)) == 0  # every rank's, on every rank
                 self._check_finite(stepped and losses_finite, window_ids)
@@ -225,7 +232,7 @@ class Runner:
                     values["lr"] = self.strategy.scheduler.get_last_lr()[0]
                     progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
                     self.logger.log(self.step, "train", values)
-                window_weight, window_logs, window_ids, window_finite = 0.0, {}, [], True
+                window_weight, window_logs, window_ids, window_finite, window_bad, window_read = 0.0, {}, [], True, 0, 0
                 if run.val_interval and self.step % run.val_interval == 0:
                     self.validate()
                 if run.save_interval and self.step % run.save_interval == 0:
@@ -245,8 +252,38 @@ class Runner:
             self.validate()
         if last_checkpoint is None or last_checkpoint.name != f"step_{self.step}":
             last_checkpoint = self._save()
+        self._report_bad()
         self.logger.close()
         return last_checkpoint
+
+    def _note_bad(self, problems: list[dict]) -> None:
+        for problem in problems:
+            log.warning("unreadable sample replaced: dataset %s record %s: %s", problem["dataset"], problem["record"],
+                        problem["error"])
+        self.bad_samples += problems
+
+    def _check_bad_fraction(self, bad: int, read: int) -> None:
+        """Stops the run, before the optimizer step, once more than ``run.max_bad_fraction`` of the samples
+        read so far (every rank's) were unreadable."""
+        self.bad_total += dist.all_reduce_sum(float(bad))
+        self.read_total += dist.all_reduce_sum(float(read))
+        limit = self.run.max_bad_fraction
+        if limit is not None and self.bad_total > limit * self.read_total:
+            first = self.bad_samples[0] if self.bad_samples else {"dataset": "?", "record": "?", "error": "?"}
+            raise BadDataError(f"{int(self.bad_total)} of {int(self.read_total)} samples read so far were unreadable "
+                               f"({100 * self.bad_total / self.read_total:.1f} %), more than run.max_bad_fraction="
+                               f"{limit}; first: dataset {first['dataset']} record {first['record']}: {first['error']}")
+
+    def _report_bad(self) -> None:
+        """Every unreadable record the run met (every rank's), once each, in ``bad_samples.jsonl``."""
+        gathered = dist.gather_objects(self.bad_samples)
+        if not dist.is_main() or not any(gathered):
+            return
+        distinct = {(p["dataset"], p["record"]): p for part in gathered for p in part}
+        path = self.output_dir / "bad_samples.jsonl"
+        path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for _, p in sorted(distinct.items())))
+        log.warning("%d unreadable records were replaced in training (%d times); listed in %s", len(distinct),
+                    sum(map(len, gathered)), path)
 
     def _check_finite(self, finite: bool, sample_ids: list[str]) -> None:
         """A step whose loss or gradient norm is not finite left the weights as they were: ``run.on_nan: stop``
@@ -290,6 +327,10 @@ class Runner:
         self.logger.log(self.step, "val", {"loss": loss})
         log.info("step %d validation loss %.4f", self.step, loss)
         return loss
+
+
+class BadDataError(RuntimeError):
+    """More of the training data was unreadable than ``run.max_bad_fraction`` allows."""
 
 
 class NonFiniteError(RuntimeError):

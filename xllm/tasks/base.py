@@ -11,6 +11,7 @@ score by the metric the dataset's config names (``xllm.eval.metrics``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from xllm.eval.metrics import METRICS
 from xllm.processors.batch import Batch
 from xllm.processors.collator import Collator
 from xllm.tasks.registry import register_task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +69,11 @@ class Task:
         (whole batches) or the whole split; ``lang`` is the language of samples that name none."""
         rows = []
         for batch in loader:
+            for problem in batch.bad:  # dropped with on_bad_sample: skip; the split's report counts what was scored
+                log.warning("evaluation skipped dataset %s record %s: %s", problem["dataset"], problem["record"],
+                            problem["error"])
+            if not len(batch):
+                continue
             predictions = self.predict(model, batch.to(model.device))
             for sample_id, reference, prediction, sample_lang in zip(batch.ids, batch.answers, predictions,
                                                                     batch.langs):

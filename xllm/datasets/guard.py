@@ -1,0 +1,67 @@
+"""Unreadable samples (a corrupt image, audio or video file) caught where they are read, in the DataLoader worker.
+
+With the dataset's ``on_bad_sample: skip``, a training sample that cannot be read is replaced by the next readable
+one, so every batch keeps its size (and every rank its step count); an evaluation sample is dropped. Either way
+the problem (dataset, record, file and reason) travels with the batch (``Batch.bad``), so the runner counts,
+logs and reports it and stops the run past ``run.max_bad_fraction``. With ``on_bad_sample: error`` it is an
+error naming the dataset, the record and the file.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+REPLACEMENT_TRIES = 16  # readable neighbours tried before the run is told the data is broken there
+
+
+class GuardedDataset(Dataset):
+    def __init__(self, dataset: Dataset, name: str, on_bad_sample: str, training: bool) -> None:
+        self.dataset, self.name, self.training = dataset, name, training
+        self.skip = on_bad_sample == "skip"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, attribute: str):  # the wrapped dataset's records, counts, ... stay reachable
+        if attribute == "dataset":
+            raise AttributeError(attribute)
+        return getattr(self.dataset, attribute)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except (OSError, ValueError) as error:
+            problem = {"dataset": self.name, "record": index, "error": str(error)}
+            if not self.skip:
+                raise ValueError(f"dataset {self.name!r}, record {index}: {error} (on_bad_sample: skip replaces "
+                                 "such samples in training and drops them in evaluation)") from None
+        if not self.training:
+            return {"id": f"{self.name}:{index}", "bad": [problem], "dropped": True}
+        for step in range(1, REPLACEMENT_TRIES + 1):
+            try:
+                sample = self.dataset[(index + step) % len(self.dataset)]
+            except (OSError, ValueError):
+                continue  # reported when its own index is read
+            return {**sample, "bad": [problem]}
+        raise ValueError(f"dataset {self.name!r}: record {index} and the {REPLACEMENT_TRIES} after it are all "
+                         f"unreadable (the first: {problem['error']})")
+
+
+def scan(parts: dict[str, Dataset], max_bad_fraction: float) -> list[dict]:
+    """Reads every sample of the guarded training sets once, before any work; an error when more than
+    ``max_bad_fraction`` of them are unreadable (so the run stops before its first step), else their problems."""
+    problems, total = [], 0
+    for name, part in parts.items():
+        if not isinstance(part, GuardedDataset):
+            continue
+        total += len(part)
+        for index in range(len(part)):
+            try:
+                part.dataset[index]
+            except (OSError, ValueError) as error:
+                problems.append({"dataset": name, "record": index, "error": str(error)})
+    if total and len(problems) > max_bad_fraction * total:
+        listing = "; ".join(f"{p['dataset']} record {p['record']}: {p['error']}" for p in problems[:5])
+        raise ValueError(f"{len(problems)} of {total} training samples are unreadable ({100 * len(problems) / total:.1f} "
+                         f"%), more than run.max_bad_fraction={max_bad_fraction}: {listing}")
+    return problems
