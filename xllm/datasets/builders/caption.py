@@ -234,19 +234,23 @@ class ShardDataset(IterableDataset):
     def _sample(self, raw: dict) -> dict | None:
         """The decoded sample, or None for a bad one with ``on_bad_sample: skip`` (logged)."""
         cfg = self.cfg
-        sample = DECODE(raw)
+        where = f"shard sample {raw.get('__key__')} in {raw.get('__url__')}"
         try:
+            sample = DECODE(raw)
             image = next(sample[k] for k in cfg.image_key.split(";") if k in sample)
             answer = sample["txt"] if cfg.caption_key == "txt" else sample["json"][cfg.caption_field]
+            pixels = self.processor(image)
         except (StopIteration, KeyError):
-            problem = (f"shard sample {sample.get('__key__')} in {sample.get('__url__')} lacks {cfg.image_key!r} or "
-                       f"{cfg.caption_key!r}")
-            if cfg.on_bad_sample != "skip":
-                raise ValueError(problem) from None
-            log.warning("skipped %s (on_bad_sample: skip)", problem)
-            return None
-        prompt = random.choice(cfg.prompts) if self.training else cfg.prompts[0]
-        return {"id": sample["__key__"], "image": self.processor(image), "prompt": prompt, "answer": answer}
+            problem = f"{where} lacks {cfg.image_key!r} or {cfg.caption_key!r}"
+        except (wds.autodecode.DecodingError, OSError, ValueError) as error:
+            problem = f"{where} cannot be decoded ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        else:
+            prompt = random.choice(cfg.prompts) if self.training else cfg.prompts[0]
+            return {"id": sample["__key__"], "image": pixels, "prompt": prompt, "answer": answer}
+        if cfg.on_bad_sample != "skip":
+            raise ValueError(problem) from None
+        log.warning("skipped %s (on_bad_sample: skip)", problem)
+        return None
 
 
 @register_builder("webdataset_caption")
