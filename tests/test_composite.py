@@ -154,3 +154,23 @@ def test_the_collator_runs_in_dataloader_workers(model, micro_world):
     for name in ("input_ids", "attention_mask", "labels", "media_slots"):
         assert torch.equal(getattr(in_worker, name), getattr(expected, name)), name
     assert torch.equal(in_worker.media["image"], expected.media["image"]) and in_worker.ids == expected.ids
+
+
+def test_an_answer_over_the_budget_keeps_its_start_and_its_end_token(micro_model_cfg, caplog):
+    import logging
+
+    from xllm.models.builder import build_model
+    from xllm.models.config import resolve_model
+    from xllm.processors.batch import IGNORE_INDEX
+
+    long = " ".join(["a red circle on the left"] * 20)
+    sample = {"id": "long", "image": torch.zeros(3, 32, 32), "prompt": "<Image><ImageHere></Image> Describe.",
+              "answer": long}
+    full = build_model(resolve_model(micro_model_cfg)).collator()([sample])
+    with caplog.at_level(logging.WARNING):
+        cut = build_model(resolve_model({**micro_model_cfg, "llm": {**micro_model_cfg["llm"],
+                                                                    "max_answer_length": 5}})).collator()([sample])
+    full_answer = full.labels[0][full.labels[0] != IGNORE_INDEX].tolist()
+    cut_answer = cut.labels[0][cut.labels[0] != IGNORE_INDEX].tolist()
+    assert len(full_answer) > 5 and cut_answer == full_answer[:4] + full_answer[-1:]
+    assert f"answer of {len(full_answer)} tokens cut to 5" in caplog.text

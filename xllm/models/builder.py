@@ -32,6 +32,8 @@ def build_model(cfg: DictConfig) -> XLLM:
     manifest names train, the others are frozen."""
     # Stage 1 trains an interface on its own objective: ``backend: none`` spares loading an LLM it never reads.
     llm = None if cfg.llm.backend == NO_LLM else LLMS.get(cfg.llm.backend).from_config(cfg.llm)
+    if llm is not None:
+        llm.max_answer_length = cfg.llm.max_answer_length
     model = assemble(cfg, llm)
     model.config = cfg
     model.requires_grad_(False)

@@ -29,6 +29,7 @@ class LLMConfig:
     gguf_file: str | None = None  # GGUF weights inside ``path`` (the mini tier's LLM ships that way)
     max_prompt_length: int | None = None  # prompt positions (text and media) a row may hold
     overflow: str = choice("refuse", "truncate")  # a longer prompt: an error, or its end kept (with a warning)
+    max_answer_length: int | None = None  # answer tokens a training row keeps; longer answers are cut (a warning)
 
 
 @dataclass

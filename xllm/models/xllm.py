@@ -114,7 +114,8 @@ class XLLM(nn.Module):
             if getattr(interface, "tokenizer", None) is not None:
                 captions = CaptionTokens(interface.tokenizer, interface.max_text_length, pad_captions_to_max)
         layout = None if self.llm is None else self.llm.layout
-        return Collator(list(self.encoders), layout, with_answers, captions)
+        budget = None if self.llm is None else self.llm.max_answer_length
+        return Collator(list(self.encoders), layout, with_answers, captions, budget)
 
     def make_batch(self, inputs: dict | Batch, with_answers: bool) -> Batch:
         """``inputs`` as a batch on the model's device; a dict is ``{"prompt": [...], "image": ..., ...}``."""

@@ -11,6 +11,7 @@ tokenised apart from it, so a medium never merges with the characters next to it
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from xllm.processors.batch import IGNORE_INDEX, MEDIA_SLOT, NO_MEDIUM, Batch
+
+log = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("id", "prompt", "answer", "history", "task", "lang")
 TAGS = {"image": "Image", "video": "Video", "speech": "Speech", "audio": "Audio"}
@@ -114,9 +117,12 @@ class Collator:
     batch as references)."""
 
     def __init__(self, modalities: Sequence[str], layout: TextLayout | None = None, with_answers: bool = True,
-                 captions: CaptionTokens | None = None) -> None:
+                 captions: CaptionTokens | None = None, max_answer_length: int | None = None) -> None:
+        if max_answer_length is not None and max_answer_length < 1:
+            raise ValueError(f"llm.max_answer_length={max_answer_length} keeps no answer token")
         self.modalities = tuple(modalities)
         self.layout, self.with_answers, self.captions = layout, with_answers, captions
+        self.max_answer_length = max_answer_length
         self._markers = {marker(m): m for m in self.modalities}
         names = "|".join(re.escape(m) for m in self._markers)
         self._marker_pattern = re.compile(f"({names})") if names else None
@@ -208,6 +214,7 @@ class Collator:
                 raise ValueError(f"sample {sample_id!r} has no answer to train on")
             prompt, slot_kinds = self._prompt_ids(sample, sample_id)
             ids, labels = self.layout.build_sequence(prompt, answer if self.with_answers else None)
+            ids, labels = self._within_budget(ids, labels, sample_id)
             self._check_known_tokens(labels, answer, sample_id)
             rows.append((ids, labels))
             kinds += slot_kinds
@@ -218,6 +225,16 @@ class Collator:
         batch.media_slots[slots] = torch.tensor(kinds, dtype=torch.long)
         input_ids[slots] = self.layout.pad_token_id
         batch.input_ids = input_ids
+
+    def _within_budget(self, ids: list[int], labels: list[int], sample_id: str) -> tuple[list[int], list[int]]:
+        """An answer longer than ``max_answer_length`` tokens keeps its first ones and its end token."""
+        answer = sum(label != IGNORE_INDEX for label in labels)
+        budget = self.max_answer_length
+        if budget is None or answer <= budget:
+            return ids, labels
+        keep = len(ids) - answer + budget - 1  # the prompt, then the answer's first budget - 1 tokens
+        log.warning("sample %r: answer of %d tokens cut to %d (llm.max_answer_length)", sample_id, answer, budget)
+        return ids[:keep] + ids[-1:], labels[:keep] + labels[-1:]
 
     def _check_known_tokens(self, labels: list[int], answer: str | None, sample_id: str) -> None:
         """An answer the tokenizer cannot spell would train the LLM to write its unknown token."""

@@ -25,6 +25,7 @@ class LLMBackend(nn.Module, ABC):
     hidden_size: int
     max_prompt_length: int | None = None  # prompt positions, media included, that a row may hold
     overflow: str = "refuse"  # a longer prompt: "refuse" (error) or "truncate" (keep its end)
+    max_answer_length: int | None = None  # answer tokens (end token included) a training row keeps
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ids."""
