@@ -135,3 +135,14 @@ def test_registered_builder(tmp_path):
     assert dataset[0]["speech"].shape == (40, 1 + (4800 - 400) // 160)
     with pytest.raises(ConfigError, match="datasets.d.layout' must be one of 'kaldi'"):
         resolve_datasets({"d": {"builder": "asr_instruction", "storage": str(tmp_path), "layout": "csv"}})
+
+
+def test_text_files_that_are_not_utf8_are_named(tmp_path):
+    from xllm.datasets.builders.asr import read_manifest, read_table
+
+    (tmp_path / "text").write_bytes("utt1 caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"text is not UTF-8 text \(byte 8"):
+        read_table(tmp_path / "text")
+    (tmp_path / "m.jsonl").write_bytes('{"id": "u", "audio": "a.wav", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"m\.jsonl is not UTF-8 text"):
+        read_manifest(tmp_path / "m.jsonl")

@@ -81,3 +81,12 @@ def ensure_writable(folder: str | Path, key: str) -> Path:
         raise PermissionError(f"{key}: cannot write to {folder} ({error.strerror or error}); choose another "
                               "folder or free this one") from None
     return folder
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's content; one that is not UTF-8 is an error naming it and the first bad byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); annotation and text files "
+                         "must be UTF-8") from None

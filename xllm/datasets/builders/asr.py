@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xllm.common.config import choice
-from xllm.common.paths import resolve_path
+from xllm.common.paths import read_utf8, resolve_path
 from xllm.processors.audio import AudioProcessor
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def read_table(path: Path, sep: str | None = None) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     table: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.strip().split(sep, 1)
@@ -93,7 +93,7 @@ def read_manifest(path: str | Path) -> list[ASRRecord]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist")
-    content = path.read_text(encoding="utf-8")
+    content = read_utf8(path)
     try:
         if content.lstrip().startswith("["):
             entries = list(enumerate(json.loads(content), start=1))

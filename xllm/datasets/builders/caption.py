@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xllm.common import dist
 from xllm.common.config import choice
-from xllm.common.paths import cache_dir, resolve_path, spec_digest
+from xllm.common.paths import cache_dir, read_utf8, resolve_path, spec_digest
 from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
 from xllm.processors.image import ImageProcessor
@@ -82,10 +82,7 @@ def read_json_list(path: Path, what: str) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); JSON annotation files "
-                         "must be UTF-8") from None
+        records = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(records, list):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from xllm.common.paths import resolve_path
+from xllm.common.paths import read_utf8, resolve_path
 from xllm.datasets.registry import register_builder
 from xllm.processors.image import ImageProcessor
 
@@ -56,7 +56,7 @@ def read_questions(path: Path, image_folder: Path) -> list[BenchQuestion]:
     if not path.is_file():
         raise FileNotFoundError(f"LLaVA-Bench question file not found: {path}")
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
