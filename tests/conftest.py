@@ -86,3 +86,13 @@ def micro_world(tmp_path_factory) -> dict:
     storage = tmp_path_factory.mktemp("world")
     return {"storage": str(storage), "world": {"seed": 0, "num_train": 24, "num_val": 8, "num_test": 8,
                                                 "image_size": 32, "shard_size": 10}, "image_size": 32}
+
+
+@pytest.fixture(scope="session")
+def stage1_cfg(micro_model_cfg, micro_text_tokenizer) -> dict:
+    """A ``model`` config section for stage 1 image: the Q-Former with its text branch, no LLM."""
+    image = {**micro_model_cfg["modalities"]["image"],
+             "interface": {"name": "qformer_text", "tokenizer": str(micro_text_tokenizer), "embed_dim": 16,
+                           **MICRO_QFORMER}}
+    return {**micro_model_cfg, "modalities": {"image": image}, "trainable": ["interfaces.image"],
+            "llm": {"backend": "none", "path": ""}}  # stage 1 reads no LLM

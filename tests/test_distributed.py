@@ -97,18 +97,6 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module")
-def stage1_model(micro_model_cfg, micro_text_tokenizer) -> dict:
-    from conftest import MICRO_QFORMER
-
-    model = json.loads(json.dumps(micro_model_cfg))
-    model["modalities"]["image"]["interface"] = {"name": "qformer_text", "tokenizer": str(micro_text_tokenizer),
-                                                 "embed_dim": 16, **MICRO_QFORMER}
-    model["trainable"] = ["interfaces.image"]
-    model["llm"] = {"backend": "none", "path": ""}
-    return model
-
-
 @pytest.fixture
 def argmax_negatives(monkeypatch):
     """ITM's hard negatives drawn by argmax: a draw depends on each rank's RNG, an argmax only on the batch."""
@@ -119,8 +107,8 @@ def argmax_negatives(monkeypatch):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("stage", ["stage2", "stage1"])
 def test_two_processes_give_the_one_process_gradients_and_losses(stage, strategy, tmp_path, micro_model_cfg,
-                                                                 stage1_model, micro_world, argmax_negatives):
-    model, task = (micro_model_cfg, "llm") if stage == "stage2" else (stage1_model, "qformer_pretrain")
+                                                                 stage1_cfg, micro_world, argmax_negatives):
+    model, task = (micro_model_cfg, "llm") if stage == "stage2" else (stage1_cfg, "qformer_pretrain")
     datasets = {"world": {"builder": "coco_caption", **micro_world}}
     one = {}
     first_step_and_losses(str(write_cfg(tmp_path / "one", model, datasets, task=task, batch_size=4,

@@ -24,7 +24,7 @@ ALLOWED = {
     "tasks": {"common", "processors", "models", "eval"},
     "runners": {"common"},
     "config": {"common", "models", "datasets", "eval", "tasks"},
-    "plan": {"common", "models", "config"},
+    "plan": {"common", "models", "config", "runners"},
     "demo": {"common", "processors", "models"},
     "serve": {"demo"},
     "infer": {"common", "processors", "models", "demo"},

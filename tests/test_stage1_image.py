@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import MICRO_QFORMER
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -28,20 +27,6 @@ CAPTIONS = ["a small red circle at the top.", "a large blue star on the left.",
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def tokenizer_folder(micro_text_tokenizer) -> Path:
-    return micro_text_tokenizer
-
-
-@pytest.fixture(scope="module")
-def stage1_cfg(micro_model_cfg, tokenizer_folder) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.create(micro_model_cfg))
-    cfg["modalities"]["image"]["interface"] = {"name": "qformer_text", "tokenizer": str(tokenizer_folder),
-                                               "embed_dim": 16, **MICRO_QFORMER}
-    cfg["trainable"] = ["interfaces.image"]
-    cfg["llm"] = {"backend": "none", "path": ""}  # stage 1 reads no LLM
-    return cfg
 
 
 def build(cfg: dict, seed: int = 0):
@@ -67,7 +52,7 @@ def batch_of(model, pixels: torch.Tensor, captions: list[str]):
     return model.collator()([{"id": str(i), "image": p, "answer": c} for i, (p, c) in enumerate(zip(pixels, captions))])
 
 
-def test_tokenizer_is_word_level_with_bert_specials(tokenizer_folder: Path, stage1_cfg: dict) -> None:
+def test_tokenizer_is_word_level_with_bert_specials(micro_text_tokenizer: Path, stage1_cfg: dict) -> None:
     interface = build(stage1_cfg).interfaces["image"]
     ids, mask = tokenize(interface, ["A small red circle.", "左上角有一个小的红色圆形。"])
     tokens = interface.tokenizer.convert_ids_to_tokens(ids[0][mask[0].bool()])
@@ -119,7 +104,7 @@ def test_padding_changes_no_pass(stage1_cfg: dict) -> None:
                                    interface.generation_logits(features[:1], mask[:1], *padded)[:, :length])
 
 
-def test_text_branch_from_bert_encodes_text_as_bert(stage1_cfg: dict, tokenizer_folder: Path, tmp_path: Path) -> None:
+def test_text_branch_from_bert_encodes_text_as_bert(stage1_cfg: dict, micro_text_tokenizer: Path, tmp_path: Path) -> None:
     from transformers import BertConfig, BertModel
 
     vocab = len(build(stage1_cfg).interfaces["image"].tokenizer)

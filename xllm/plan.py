@@ -33,6 +33,7 @@ from xllm.config import load_config
 from xllm.models.builder import assemble
 from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, rotary_tables
 from xllm.models.trainable import apply_trainable
+from xllm.runners.parallel import shard_units
 
 CHATGLM_6B = "models/chatglm/chatglm-6b.json"  # the published config.json, inside xllm/configs
 GIB = 1024 ** 3
@@ -157,8 +158,7 @@ def media_tokens_of(model: nn.Module, modality: str, speech_tokens: int) -> int:
 
 def unit_bytes(model: nn.Module, dtype_of) -> int:
     """The largest FSDP unit (one layer), whole."""
-    layers = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-    return max(sum(p.numel() * dtype_of(p).itemsize for p in layer.parameters()) for layer in layers)
+    return max(sum(p.numel() * dtype_of(p).itemsize for p in unit.parameters()) for unit in shard_units(model))
 
 
 def plan(cfg_path: str, gpus: int, frozen_dtype: str | None, text_tokens: int, speech_tokens: int) -> str:

@@ -32,11 +32,16 @@ def is_main() -> bool:
 
 
 def all_reduce_sum(value: float) -> float:
+    return all_reduce_sums([value])[0]
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Each value summed over ranks, in one collective."""
     if not dist.is_initialized():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
-    return float(tensor.item())
+    return tensor.tolist()
 
 
 def barrier() -> None:

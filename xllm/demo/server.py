@@ -210,22 +210,19 @@ def handler_for(service: Service) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args) -> None:  # through logging, not stderr
             log.info("%s %s", self.address_string(), format % args)
 
-        def _json(self, status: int, body: dict) -> None:
-            data = json.dumps(body, ensure_ascii=False).encode()
+        def _send(self, status: int, data: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
+        def _json(self, status: int, body: dict) -> None:
+            self._send(status, json.dumps(body, ensure_ascii=False).encode(), "application/json")
+
         def do_GET(self) -> None:
             if self.path == "/" and service.page is not None:
-                data = service.page.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._send(200, service.page.encode(), "text/html; charset=utf-8")
             elif self.path.rstrip("/") == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": service.name, "object": "model",
                                                              "owned_by": "xllm"}]})

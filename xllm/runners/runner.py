@@ -221,10 +221,11 @@ class Runner:
                     window_logs[key] = (total + value * weight, weights + weight)
                 if not closes_window:
                     continue
-                self._check_bad_fraction(window_bad, window_read)
+                # Every rank's counts, on every rank, in one collective per step.
+                bad, read, non_finite = dist.all_reduce_sums([window_bad, window_read, float(not window_finite)])
+                self._check_bad_fraction(bad, read)
                 stepped = self.strategy.step(window_weight)
-                losses_finite = dist.all_reduce_sum(float(not window_finite)) == 0  # every rank's, on every rank
-                self._check_finite(stepped and losses_finite, window_ids)
+                self._check_finite(stepped and non_finite == 0, window_ids)
                 self.step += 1
                 progress.update(1)
                 if self.step % run.log_interval == 0 or self.step == self.total_steps:
@@ -262,11 +263,11 @@ class Runner:
                         problem["error"])
         self.bad_samples += problems
 
-    def _check_bad_fraction(self, bad: int, read: int) -> None:
+    def _check_bad_fraction(self, bad: float, read: float) -> None:
         """Stops the run, before the optimizer step, once more than ``run.max_bad_fraction`` of the samples
-        read so far (every rank's) were unreadable."""
-        self.bad_total += dist.all_reduce_sum(float(bad))
-        self.read_total += dist.all_reduce_sum(float(read))
+        read so far (``bad`` and ``read``: this window's, every rank's) were unreadable."""
+        self.bad_total += bad
+        self.read_total += read
         limit = self.run.max_bad_fraction
         if limit is not None and self.bad_total > limit * self.read_total:
             first = self.bad_samples[0] if self.bad_samples else {"dataset": "?", "record": "?", "error": "?"}
