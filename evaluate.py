@@ -15,7 +15,8 @@ from xllm import zoo
 from xllm.common.config import save_config
 from xllm.common.dist import pick_device
 from xllm.common.logging import setup_logging
-from xllm.config import load_config
+from xllm.common.paths import ensure_writable
+from xllm.config import check_paths, load_config
 from xllm.datasets.build import build_split
 from xllm.datasets.loader import evaluation_loader
 from xllm.eval.caption_metrics import format_table
@@ -33,6 +34,8 @@ def main() -> None:
     options = args.options + ([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [])
     cfg = load_config(args.cfg_path, options)
     run = cfg.run
+    check_paths(cfg)  # before any work, as training does
+    ensure_writable(run.output_dir, "run.output_dir")
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)

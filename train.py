@@ -13,7 +13,7 @@ from xllm.common import dist
 from xllm.common.config import save_config
 from xllm.common.paths import ensure_writable
 from xllm.common.logging import setup_logging
-from xllm.config import load_config, per_process_batch_size
+from xllm.config import check_paths, load_config, per_process_batch_size
 from xllm.datasets.build import build_split
 from xllm.datasets.guard import scan
 from xllm.datasets.loader import evaluation_loader, training_loader
@@ -37,9 +37,11 @@ def main() -> None:
     setup_logging()
     cfg = load_config(args.cfg_path, args.options)
     run = cfg.run
-    ensure_writable(run.output_dir, "run.output_dir")  # before any work: a read-only folder fails here
     if args.resume:
         run.resume = args.resume
+    # Before any work: a missing input or a read-only output folder fails here, naming its config key.
+    check_paths(cfg)
+    ensure_writable(run.output_dir, "run.output_dir")
     dist.init_distributed()
     dist.check_same_everywhere(OmegaConf.to_yaml(cfg), "config")
     run.batch_size = per_process_batch_size(run, dist.world_size())

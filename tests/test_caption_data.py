@@ -131,3 +131,11 @@ def test_an_annotation_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "annotations" / "train.json").write_bytes('[{"image": "ok.png", "caption": "caf\u00e9"}]'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"train\.json is not UTF-8 text"):
         build(tmp_path)
+
+
+@pytest.mark.parametrize("pairs", [None, "q?", [["q?"]], [["q?", 3]], [["q?", ""]]])
+def test_world_qa_pairs_of_the_wrong_type_are_named(tmp_path, pairs):
+    folder_with(tmp_path, [{"image": "ok.png", "caption": "a", "scene": {"shapes": []}, "qa": pairs, "image_id": 0}])
+    with pytest.raises(ValueError, match=r"record 0 in .*train\.json: field 'qa' must be a list of \[question, "
+                                         r"answer\] pairs of non-empty strings"):
+        build(tmp_path, builder="world_qa")

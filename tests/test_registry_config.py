@@ -1,3 +1,4 @@
+import os
 import re
 from pathlib import Path
 
@@ -129,3 +130,52 @@ def test_a_component_may_be_named_by_dotted_path(micro_model_cfg):
                                           ": cannot import it as a dotted path"):
         resolve_model(OmegaConf.merge(cfg, {"modalities": {"image": {"adapter": {"name": "xllm.models.adapters.Nope"}}}}))
     assert isinstance(build_model(resolved).adapters["image"], MLPAdapter)
+
+
+@pytest.mark.parametrize("option, key, problem", [
+    ("model.checkpoint=/nonexistent/run", "model.checkpoint", "does not exist"),
+    ("model.pretrained=[/nonexistent/blip2.pth]", "model.pretrained", "does not exist"),
+    ("model.llm.path=./models/llm", "model.llm.path", "does not exist (a path, not a Hub id)"),
+    ("model.modalities.image.encoder.path=/nonexistent", "model.modalities.image.encoder.path", "does not exist"),
+    ("run.resume=/nonexistent/ckpt", "run.resume", "does not exist"),
+    ("run.deepspeed=REPO", "run.deepspeed", "is not a file"),
+    ("datasets.world_caption.world=null", "datasets.world_caption.storage", "does not exist"),
+])
+def test_every_input_path_is_checked_before_work_naming_its_key(option, key, problem):
+    from xllm.config import check_paths
+
+    options = [option.replace("REPO", str(REPO)), "datasets.world_caption.storage=/nonexistent/world"]
+    cfg = load_config(REPO / "configs/tiny/stage2_image.yaml", options)
+    with pytest.raises(OSError) as error:
+        check_paths(cfg)
+    assert f"config key '{key}'" in str(error.value) and problem in str(error.value)
+
+
+def test_path_checks_leave_hub_ids_zoo_paths_generated_folders_and_latest_alone(tmp_path):
+    from xllm.config import check_paths
+
+    options = ["model.llm.path=HuggingFaceTB/SmolLM2-135M-Instruct", "run.resume=latest",
+               f"datasets.world_caption.storage={tmp_path / 'made-by-the-world'}"]
+    check_paths(load_config(REPO / "configs/tiny/stage2_image.yaml", options))  # no error: nothing is read yet
+    unreadable = tmp_path / "locked"
+    unreadable.mkdir()
+    unreadable.chmod(0)
+    try:
+        if os.access(unreadable, os.R_OK):
+            pytest.skip("running as a user who reads every folder (root)")
+        with pytest.raises(PermissionError, match="config key 'model.checkpoint'.*cannot be read"):
+            check_paths(load_config(REPO / "configs/tiny/stage2_image.yaml", [f"model.checkpoint={unreadable}"]))
+    finally:
+        unreadable.chmod(0o755)
+
+
+def test_train_refuses_a_missing_input_before_building_anything(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--cfg-path", "tiny/stage2_image.yaml",
+                             "--options", f"run.output_dir={tmp_path / 'run'}", "model.checkpoint=/nonexistent/x"],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "XLLM_CACHE": str(tmp_path)})
+    assert result.returncode != 0
+    assert "config key 'model.checkpoint': /nonexistent/x does not exist" in result.stderr
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "run").exists()  # no zoo built, no output folder

@@ -106,3 +106,19 @@ def test_signal_joins_the_composite_by_configuration(micro_model_cfg, tmp_path):
     assert len(answers) == 1
     with pytest.raises(ValueError, match=r"signal input must be \[batch, 4 channels, steps\], got \(1, 3, 16\)"):
         model.modality("signal")(torch.zeros(1, 3, 16))
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"signal": [[1, 2, "x", 4]], "answer": "a."}, "field 'signal' must hold finite numbers only"),
+    ({"signal": [[1, 2, float("nan"), 4]], "answer": "a."}, "field 'signal' must hold finite numbers only"),
+    ({"signal": [[1, 2, True, 4]], "answer": "a."}, "field 'signal' must hold finite numbers only"),
+    ({"signal": [[1, 2, 3, 4]], "answer": None}, "field 'answer' must be a non-empty string, got None"),
+    ({"signal": [[1, 2, 3, 4]], "answer": " "}, "field 'answer' must be a non-empty string"),
+])
+def test_a_signal_record_of_the_wrong_type_is_named(tmp_path, record, problem):
+    (tmp_path / "annotations").mkdir()
+    # json.dumps writes NaN for float("nan"), as Python's and many other writers do; the reader must refuse it.
+    (tmp_path / "annotations" / "train.json").write_text(json.dumps([{"id": "bad", **record}]))
+    datasets = resolve_datasets({"status": {"builder": "signal_text", "storage": str(tmp_path)}})
+    with pytest.raises(ValueError, match=r"record 0 \(id 'bad'\) in .*train\.json: " + problem):
+        build_split(datasets, "train")

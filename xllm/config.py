@@ -15,12 +15,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from xllm.common.config import ConfigError, check_top_level, choice, load_with_base, registered, typed
+from xllm.common.config import (ConfigError, check_top_level, choice, config_paths, load_with_base, path_field, registered,
+                                typed)
 from xllm.common.dtypes import AMP_DTYPES
-from xllm.common.paths import find_config
+from xllm.common.paths import check_readable, find_config
 from xllm.datasets.config import resolve_datasets
+from xllm.datasets.registry import BUILDERS
 from xllm.eval.metrics import METRICS
-from xllm.models.config import resolve_model
+from xllm.models.config import PARTS, ModelConfig, resolve_model
 from xllm.tasks.registry import TASKS
 
 SECTIONS = ("model", "datasets", "run")
@@ -56,14 +58,14 @@ class RunConfig:
     max_nan_skips: int = 3  # such steps in a row that are skipped before the run stops
     # The share of unreadable training samples (replaced with on_bad_sample: skip) past which the run stops.
     max_bad_fraction: float | None = None
-    resume: str | None = None
+    resume: str | None = path_field("folder", default=None)  # a checkpoint folder, or "latest"
     max_new_tokens: int = 40
     num_beams: int = 1
     eval_split: str = "test"
     eval_max_samples: int | None = None
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     distributed: str = choice("ddp", "fsdp", "deepspeed")  # strategy when launched with torchrun (xllm.runners.parallel)
-    deepspeed: Any = None  # DeepSpeed's config: a mapping, or the path of its JSON file (distributed: deepspeed)
+    deepspeed: Any = path_field("file", default=None)  # DeepSpeed's config: a mapping, or the path of its JSON file (distributed: deepspeed)
     # Samples per optimizer step over every process; sets batch_size = global / (processes x grad_accum_steps).
     global_batch_size: int | None = None
 
@@ -91,6 +93,21 @@ def load_config(cfg_path: str | Path, options: list[str] | None = None) -> DictC
         return cfg
     except ConfigError as error:
         raise ConfigError(f"{cfg_path}: {error}") from None
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Every file and folder the config names exists and can be read, before any work starts: an error names the
+    config key. Paths inside a dataset's folder (annotations, shards) are its builder's to check."""
+    found = list(config_paths(RunConfig, cfg.run, "run")) + list(config_paths(ModelConfig, cfg.model, "model"))
+    for name, modality in cfg.model.modalities.items():
+        for part, registry in PARTS.items():
+            block = modality[part]
+            found += config_paths(registry.get(block.name).Config, block, f"model.modalities.{name}.{part}")
+    for name, entry in cfg.datasets.items():
+        found += config_paths(BUILDERS.get(entry.builder).Config, entry, f"datasets.{name}")
+    for key, value, kind in found:
+        if not (key == "run.resume" and value == "latest"):
+            check_readable(value, kind, key)
 
 
 def per_process_batch_size(run: DictConfig, world_size: int) -> int:

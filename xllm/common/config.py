@@ -33,6 +33,36 @@ def choice(default: Any, *others: Any) -> Any:
     return field(default=default, metadata={"choices": (default, *others)})
 
 
+PATH_KINDS = ("file", "folder", "any", "model")  # "model": a folder, or a Hub id (``org/name``) when none is there
+
+
+def path_field(kind: str = "any", made_by: str | None = None, **options: Any) -> Any:
+    """A dataclass field naming a file or folder the run reads (``kind``, one of ``PATH_KINDS``), checked to exist
+    and be readable before any work starts (``config_paths`` lists them); an empty value, or a set ``made_by``
+    sibling field (a ``world`` block that generates the folder), exempts it. ``options`` go to ``field``."""
+    assert kind in PATH_KINDS, kind
+    return field(metadata={"path": kind, "made_by": made_by}, **options)
+
+
+def config_paths(schema: type, data: Any, path: str):
+    """(key, value, kind) of every path field ``data`` sets, nested dataclasses included; list values give one
+    entry per item."""
+    if not isinstance(data, (dict, DictConfig)):
+        return
+    for spec in dataclasses.fields(schema):
+        kind, made_by = spec.metadata.get("path"), spec.metadata.get("made_by")
+        value = data.get(spec.name)
+        if kind is None or not value or (made_by and data.get(made_by)):
+            continue
+        values = as_list(value)
+        for index, item in enumerate(values):
+            if isinstance(item, (str, Path)) and str(item):
+                key = f"{path}.{spec.name}" + (f"[{index}]" if len(values) > 1 else "")
+                yield key, str(item), kind
+    for nested, value, nested_path in _nested_schemas(schema, data, path):
+        yield from config_paths(nested, value, nested_path)
+
+
 def suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"

@@ -68,6 +68,26 @@ def looks_local(spec: str) -> bool:
     return spec.startswith(("/", ".", "~", ZOO_PREFIX)) or spec.count("/") > 1 or "\\" in spec
 
 
+def check_readable(spec: str, kind: str, key: str) -> None:
+    """The ``kind`` of thing config key ``key`` names (``xllm.common.config.PATH_KINDS``) exists and can be read;
+    ``zoo:`` paths are left to the zoo, which builds them, and a ``model`` that is not on disk and does not look
+    local is a Hub id."""
+    if spec.startswith(ZOO_PREFIX):
+        return
+    path = resolve_path(spec)
+    if kind == "model" and not path.exists() and not looks_local(spec):
+        return
+    if not path.exists():
+        hint = " (a path, not a Hub id)" if kind == "model" else ""
+        raise FileNotFoundError(f"config key '{key}': {path} does not exist{hint}")
+    if kind in ("folder", "model") and not path.is_dir():
+        raise NotADirectoryError(f"config key '{key}': {path} is not a folder")
+    if kind == "file" and not path.is_file():
+        raise IsADirectoryError(f"config key '{key}': {path} is not a file")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise PermissionError(f"config key '{key}': {path} cannot be read")
+
+
 def ensure_writable(folder: str | Path, key: str) -> Path:
     """``folder`` created if needed and proven writable (a probe file written and removed), before any work;
     an error naming the config ``key`` otherwise."""

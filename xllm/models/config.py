@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from xllm.common.config import ConfigError, as_list, choice, component, load_yaml, registered, typed
+from xllm.common.config import ConfigError, as_list, choice, component, load_yaml, path_field, registered, typed
 from xllm.common.dtypes import DTYPES
 from xllm.common.paths import configs_dir
 from xllm.models.registry import ADAPTERS, ENCODERS, INTERFACES, LLMS
@@ -24,7 +24,7 @@ NO_LLM = "none"  # model.llm.backend of a model built without an LLM (stage 1 ne
 @dataclass
 class LLMConfig:
     backend: str = "hf_causal"  # a registered LLM backend, or "none": no LLM
-    path: str = ""  # a folder, "zoo:<tier>/<name>", or a hub name when the hub is reachable
+    path: str = path_field("model", default="")  # a folder, "zoo:<tier>/<name>", or a hub name when the hub is reachable
     dtype: str = choice(*DTYPES)
     gguf_file: str | None = None  # GGUF weights inside ``path`` (the mini tier's LLM ships that way)
     max_prompt_length: int | None = None  # prompt positions (text and media) a row may hold
@@ -53,10 +53,10 @@ class ModelConfig:
     frozen_dtype: str | None = choice(None, *DTYPES)  # the dtype frozen parts are stored in; None keeps theirs
     # Original checkpoints converted at build time, before ``checkpoint``: LAVIS/X-LLM ``.pth`` files, Hugging
     # Face ``Blip2*`` folders (``xllm.models.pretrained``); later ones win.
-    pretrained: list[str] = field(default_factory=list)
+    pretrained: list[str] = path_field(default_factory=list)
     # Trained interfaces/adapters: a safetensors file or a run's checkpoint folder, or a list of them loaded in
     # order (later ones win), e.g. the stage-2 run of each modality. ``Any``: OmegaConf has no ``str | list``.
-    checkpoint: Any = None
+    checkpoint: Any = path_field(default=None)
 
 
 PARTS = {"encoder": ENCODERS, "interface": INTERFACES, "adapter": ADAPTERS}

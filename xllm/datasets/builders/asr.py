@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from xllm.common.config import choice
+from xllm.common.config import choice, path_field
 from xllm.common.paths import read_utf8, resolve_path
 from xllm.processors.audio import AudioProcessor
 
@@ -175,7 +175,7 @@ class ASRDataset(Dataset):
 
 @dataclass
 class ASRBuilderConfig:
-    storage: str = ""  # the corpus folder
+    storage: str = path_field("folder", default="")  # the corpus folder
     layout: str = choice(*LAYOUTS)
     # Where a split lives under storage: a data folder (kaldi, aishell2) or a manifest file; aishell1 uses the
     # split name itself (data_aishell/wav/{split}).

@@ -18,7 +18,7 @@ import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xllm.common import dist
-from xllm.common.config import choice
+from xllm.common.config import choice, path_field
 from xllm.common.paths import cache_dir, read_utf8, resolve_path, spec_digest
 from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
@@ -30,7 +30,7 @@ DECODE = wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])
 
 @dataclass
 class CaptionBuilderConfig:
-    storage: str = ""  # the data folder; empty with ``world`` set: a cache folder named by the world's spec
+    storage: str = path_field("folder", made_by="world", default="")  # the data folder; empty with ``world`` set: a cache folder named by the world's spec
     world: dict[str, Any] | None = None  # WorldImageSpec fields: generate the synthetic world into ``storage``
     annotations: str = "annotations/{split}.json"  # relative to storage; ``{split}`` is train/val/test
     image_root: str = ""  # where the records' image paths start, relative to storage
@@ -90,6 +90,11 @@ def read_json_list(path: Path, what: str) -> list:
     return records
 
 
+def not_text(value: Any) -> bool:
+    """Whether an annotation's text field fails to hold text: not a string, or only white space."""
+    return not isinstance(value, str) or not value.strip()
+
+
 def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
                          media_field: str) -> list[dict]:
     """Records of a caption JSON whose ``media_field`` names a media file; a record lacking a field or its file
@@ -101,7 +106,7 @@ def read_caption_records(path: Path, caption_field: str, image_root: Path, on_ba
         missing = [f for f in (media_field, caption_field) if not isinstance(record, dict) or f not in record]
         if missing:
             problem = f"record {index} in {path} lacks field {missing[0]!r}"
-        elif not isinstance(record[caption_field], str) or not record[caption_field].strip():
+        elif not_text(record[caption_field]):
             problem = (f"record {index} in {path}: field {caption_field!r} must be a non-empty string, got "
                        f"{record[caption_field]!r}"[:300])
         elif not isinstance(record[media_field], str):

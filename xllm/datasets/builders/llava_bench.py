@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from xllm.common.config import path_field
 from xllm.common.paths import read_utf8, resolve_path
 from xllm.datasets.registry import register_builder
 from xllm.processors.image import ImageProcessor
@@ -28,7 +29,7 @@ COCO_PREFIX = "COCO_val2014_"
 class LlavaBenchConfig:
     # The benchmark folder (LLaVA's files as released). The default holds for a checkout beside the project's
     # shared folder, run from the checkout; relative paths are relative to the working folder, as everywhere.
-    root: str = "../shared/benchmarks/llava_bench_coco"
+    root: str = path_field("folder", default="../shared/benchmarks/llava_bench_coco")
     questions: str = "qa90_questions.jsonl"  # relative to root
     images: str = "images"  # the image folder, relative to root (or absolute: COCO's val2014 folder)
     prompt: str = "<Image><ImageHere></Image> {question}"  # the question placed after the image

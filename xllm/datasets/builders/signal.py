@@ -8,6 +8,7 @@ With ``world`` set, the synthetic world's device-status samples are generated fi
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,16 +16,17 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from xllm.common.config import path_field
 from xllm.datasets.registry import register_builder
 from xllm.processors.signal import SignalProcessor
-from xllm.datasets.builders.caption import prepare_storage, read_json_list
+from xllm.datasets.builders.caption import not_text, prepare_storage, read_json_list
 from xllm.world.device import CHANNEL_MEAN, CHANNEL_STD
 from xllm.world.signals import WorldSignalSpec, write_world_signals
 
 
 @dataclass
 class SignalTextConfig:
-    storage: str = ""
+    storage: str = path_field("folder", made_by="world", default="")
     world: dict[str, Any] | None = None  # WorldSignalSpec fields: generate the world's device-status samples
     annotations: str = "annotations/{split}.json"
     signal_field: str = "signal"
@@ -49,6 +51,12 @@ def read_signal_records(path: Path, cfg) -> list[dict]:
         if not isinstance(series, list) or not series or not all(isinstance(row, list) for row in series):
             raise ValueError(f"{name}: field {cfg.signal_field!r} must be a non-empty list of steps, each a list "
                              "of channel values")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for row in series
+                   for v in row):
+            raise ValueError(f"{name}: field {cfg.signal_field!r} must hold finite numbers only")
+        if not_text(record[cfg.answer_field]):
+            raise ValueError(f"{name}: field {cfg.answer_field!r} must be a non-empty string, got "
+                             f"{record[cfg.answer_field]!r}"[:300])
         widths = sorted({len(row) for row in series})
         if widths != [cfg.channels]:
             raise ValueError(f"{name}: signal has {widths if len(widths) > 1 else widths[0]} channel(s) per step, "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xllm.datasets.registry import register_builder
-from xllm.common.config import choice
+from xllm.common.config import choice, path_field
 from xllm.datasets.builders.caption import CocoCaptionBuilder
 from xllm.world.videos import WorldVideoSpec, write_world_videos
 from xllm.processors.video import VideoProcessor
@@ -18,7 +18,7 @@ from xllm.processors.video import VideoProcessor
 
 @dataclass
 class VideoCaptionConfig:
-    storage: str = ""
+    storage: str = path_field("folder", made_by="world", default="")
     world: dict[str, Any] | None = None  # WorldVideoSpec fields: generate the world's motion clips
     annotations: str = "annotations/{split}.json"
     video_root: str = ""

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from xllm.datasets.registry import register_builder
 from xllm.common.config import choice
-from xllm.datasets.builders.caption import CaptionBuilderConfig, CocoCaptionBuilder
+from xllm.datasets.builders.caption import CaptionBuilderConfig, CocoCaptionBuilder, not_text
 from xllm.world.scenes import NUMBER_ZH
 from xllm.processors.image import ImageProcessor
 
@@ -59,4 +59,9 @@ class WorldQABuilder(CocoCaptionBuilder):
             if "qa" not in record or "scene" not in record:
                 raise ValueError(f"record {index} in {annotations} lacks the world's "
                                  "'qa'/'scene' fields: world_qa reads the synthetic world's caption JSON")
+            pairs = record["qa"]
+            if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and not any(map(not_text, p))
+                                                      for p in pairs):
+                raise ValueError(f"record {index} in {annotations}: field 'qa' must be a list of [question, answer] "
+                                 f"pairs of non-empty strings, got {pairs!r}"[:300])
         return WorldQADataset(records[: self.cfg.max_samples], self.cfg, self.processor(), image_root)

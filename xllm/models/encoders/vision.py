@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
+from xllm.common.config import path_field
 from xllm.common.paths import resolve_path, zoo_hint
 from xllm.models.registry import register_encoder
 
@@ -20,7 +21,7 @@ from xllm.models.registry import register_encoder
 class VisionEncoder(nn.Module):
     @dataclass
     class Config:
-        path: str | None = None  # a save_pretrained folder (``zoo:tiny/image_encoder``); None builds from the sizes
+        path: str | None = path_field("folder", default=None)  # a save_pretrained folder (``zoo:tiny/image_encoder``); None builds from the sizes
         image_size: int = 224
         patch_size: int = 14
         hidden_size: int = 1408

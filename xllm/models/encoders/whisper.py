@@ -23,6 +23,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from xllm.common.checkpoint import load_state, read_weights
+from xllm.common.config import path_field
 from xllm.common.paths import resolve_path
 from xllm.models.registry import register_encoder
 
@@ -67,7 +68,7 @@ def load_whisper_encoder(folder: str | Path) -> WhisperEncoder:
 class WhisperSpeechEncoder(nn.Module):
     @dataclass
     class Config:
-        path: str | None = None  # a Whisper checkpoint folder; None builds a random one of the sizes below
+        path: str | None = path_field("folder", default=None)  # a Whisper checkpoint folder; None builds a random one of the sizes below
         d_model: int = 64
         encoder_layers: int = 2
         encoder_attention_heads: int = 4

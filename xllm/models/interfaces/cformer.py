@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from xllm.common.config import path_field
 from xllm.common.paths import resolve_path
 from xllm.models.registry import register_interface
 from xllm.models.interfaces.cif import CIF, CIFOutput
@@ -47,7 +48,7 @@ class CFormerInterface(nn.Module):
         # Tokens per encoder frame before training. An untrained CIF weighs every frame ~0.5 (sigmoid of ~0), one
         # token per two frames, far more than speech holds (Whisper: 50 frames/s; speech: ~3-15 tokens/s).
         initial_rate: float = 0.1
-        bert_path: str | None = None  # a BERT folder (or zoo: path) to start the transformer layers from
+        bert_path: str | None = path_field("folder", default=None)  # a BERT folder (or zoo: path) to start the transformer layers from
 
     def __init__(self, bert: BertModel, input_dim: int, cif: CIF) -> None:
         super().__init__()
