@@ -24,8 +24,8 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from xllm.common.checkpoint import load_state, read_weights
 from xllm.common.config import path_field
-from xllm.common.paths import resolve_path
 from xllm.models.registry import register_encoder
+from xllm.models.sources import model_folder
 
 # Whisper's feature scaling maps the log10 mel floor (1e-10) to (-10 + 4) / 4.
 SILENCE_FLOOR = -1.5
@@ -68,7 +68,7 @@ def load_whisper_encoder(folder: str | Path) -> WhisperEncoder:
 class WhisperSpeechEncoder(nn.Module):
     @dataclass
     class Config:
-        path: str | None = path_field("folder", default=None)  # a Whisper checkpoint folder; None builds a random one of the sizes below
+        path: str | None = path_field("model", default=None)  # a Whisper checkpoint folder; None builds a random one of the sizes below
         d_model: int = 64
         encoder_layers: int = 2
         encoder_attention_heads: int = 4
@@ -84,7 +84,7 @@ class WhisperSpeechEncoder(nn.Module):
     @classmethod
     def build(cls, cfg: "WhisperSpeechEncoder.Config") -> "WhisperSpeechEncoder":
         if cfg.path:
-            return cls(load_whisper_encoder(resolve_path(cfg.path)))
+            return cls(load_whisper_encoder(model_folder(cfg.path, "encoder.path")))
         config = tiny_whisper_config(
             d_model=cfg.d_model, encoder_layers=cfg.encoder_layers, encoder_attention_heads=cfg.encoder_attention_heads,
             encoder_ffn_dim=cfg.encoder_ffn_dim, num_mel_bins=cfg.num_mel_bins,

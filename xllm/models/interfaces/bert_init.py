@@ -14,7 +14,7 @@ from torch import nn
 from transformers import BertModel
 
 from xllm.common.checkpoint import load_state
-from xllm.common.paths import resolve_path
+from xllm.models.sources import model_folder
 
 # BertModel key -> Q-Former interface keys (one BERT tensor may fill several).
 _LAYER_RULES = [
@@ -36,7 +36,7 @@ SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediat
 
 def init_text_branch_from_bert(interface: nn.Module, spec: str) -> list[str]:
     """Copies a ``BertModel`` folder's weights into ``interface`` (a ``QFormerWithText``); returns the keys filled."""
-    folder = resolve_path(spec)
+    folder = model_folder(spec, "interface.text_init")
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"interface.text_init {spec!r}: no BERT folder with config.json at {folder}")
     bert = BertModel.from_pretrained(folder)

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from xllm.common.config import path_field
-from xllm.common.paths import resolve_path
-from xllm.models.registry import register_interface
 from xllm.models.interfaces.cif import CIF, CIFOutput
+from xllm.models.registry import register_interface
+from xllm.models.sources import model_folder
 
 
 @dataclass
@@ -48,7 +48,7 @@ class CFormerInterface(nn.Module):
         # Tokens per encoder frame before training. An untrained CIF weighs every frame ~0.5 (sigmoid of ~0), one
         # token per two frames, far more than speech holds (Whisper: 50 frames/s; speech: ~3-15 tokens/s).
         initial_rate: float = 0.1
-        bert_path: str | None = path_field("folder", default=None)  # a BERT folder (or zoo: path) to start the transformer layers from
+        bert_path: str | None = path_field("model", default=None)  # a BERT folder (or zoo: path) to start the transformer layers from
 
     def __init__(self, bert: BertModel, input_dim: int, cif: CIF) -> None:
         super().__init__()
@@ -61,7 +61,7 @@ class CFormerInterface(nn.Module):
     @classmethod
     def build(cls, cfg, input_dim: int) -> "CFormerInterface":
         if cfg.bert_path:
-            folder = resolve_path(cfg.bert_path)
+            folder = model_folder(cfg.bert_path, "interface.bert_path")
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"interface.bert_path {folder} is not a BERT checkpoint folder (no config.json)")
             bert = BertModel.from_pretrained(str(folder), add_pooling_layer=False)

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, Blip2QFormerConfig, PreTrainedTokenizerB
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from xllm.common.config import path_field
 from xllm.common.paths import resolve_path, zoo_hint
 from xllm.models.registry import register_interface
 from xllm.models.interfaces.bert_init import init_text_branch_from_bert
@@ -77,7 +78,7 @@ class QFormerWithText(QFormerInterface):
         max_text_length: int = 32  # tokens per caption, [CLS] and [SEP] included (BLIP-2: 32)
         max_position_embeddings: int = 512
         embed_dim: int = 256  # width of the contrastive space (BLIP-2: 256)
-        text_init: str | None = None  # a BertModel folder to start from (BLIP-2: bert-base-uncased); sizes must match
+        text_init: str | None = path_field("model", default=None)  # a BertModel folder to start from (BLIP-2: bert-base-uncased); sizes must match
 
     def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, tokenizer: PreTrainedTokenizerBase,
                  max_text_length: int, embed_dim: int) -> None:

@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.generation.streamers import BaseStreamer
 
 from xllm.common.dtypes import torch_dtype
-from xllm.common.paths import ZOO_PREFIX, looks_local, resolve_path
+from xllm.common.paths import resolve_path
 from xllm.models.llm.base import LLMBackend
 from xllm.models.registry import register_llm
+from xllm.models.sources import model_folder
 from xllm.processors.batch import IGNORE_INDEX
 
 
@@ -71,13 +72,8 @@ class HFCausalLM(LLMBackend):
 
     @classmethod
     def from_config(cls, cfg) -> "HFCausalLM":
-        folder = resolve_path(cfg.path)
-        if cfg.path.startswith(ZOO_PREFIX) and not folder.is_dir():
-            raise FileNotFoundError(f"LLM folder {folder} is missing: build the zoo (python -m xllm.zoo build tiny)")
-        if looks_local(cfg.path) and not folder.is_dir():
-            raise FileNotFoundError(f"llm.path {cfg.path!r}: the folder {folder} does not exist (a path, not a Hub "
-                                    "id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
-        source = str(folder) if folder.exists() else cfg.path  # not a folder: a hub name
+        # A GGUF file is read from the folder that holds it; anything else comes from its first source.
+        source = str(resolve_path(cfg.path) if cfg.gguf_file else model_folder(cfg.path, "model.llm.path"))
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
