@@ -150,7 +150,8 @@ class Collator:
                 batch.media[modality] = collate_media(items)
         if self.layout is not None:
             self._lay_out(batch, samples)
-        if self.captions is not None:
+        # Prompts alone (generation) need no captions; a stage-1 batch needs every sample's.
+        if self.captions is not None and any(a is not None for a in answers):
             if any(not isinstance(a, str) for a in answers):
                 raise ValueError(f"samples {[i for i, a in zip(ids, answers) if not isinstance(a, str)]} have no "
                                  "answer (caption) for the interface's text branch")

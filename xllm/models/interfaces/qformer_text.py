@@ -22,7 +22,7 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from xllm.common.config import path_field
-from xllm.common.paths import resolve_path, zoo_hint
+from xllm.models.sources import model_folder
 from xllm.models.registry import register_interface
 from xllm.models.interfaces.bert_init import init_text_branch_from_bert
 from xllm.models.interfaces.qformer import QFormerInterface
@@ -40,10 +40,8 @@ def is_text_branch_key(name: str) -> bool:
 
 
 def load_text_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """A tokenizer folder (or ``zoo:tiny/text_tokenizer``) with [CLS]/[SEP]/[PAD]; [DEC] is added if absent."""
-    folder = resolve_path(spec)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"interface.tokenizer {spec!r}: tokenizer folder {folder} is missing{zoo_hint(spec)}")
+    """A tokenizer folder, ``zoo:`` path or Hub id (``xllm.models.sources``) with [CLS]/[SEP]/[PAD]; [DEC] is added if absent."""
+    folder = model_folder(spec, "interface.tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     missing = [name for name in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, name) is None]
     if missing:
@@ -74,7 +72,7 @@ class LMHead(nn.Module):
 class QFormerWithText(QFormerInterface):
     @dataclass
     class Config(QFormerInterface.Config):
-        tokenizer: str = "zoo:tiny/text_tokenizer"  # a BERT-style tokenizer folder
+        tokenizer: str = path_field("model", default="zoo:tiny/text_tokenizer")  # a BERT-style tokenizer folder
         max_text_length: int = 32  # tokens per caption, [CLS] and [SEP] included (BLIP-2: 32)
         max_position_embeddings: int = 512
         embed_dim: int = 256  # width of the contrastive space (BLIP-2: 256)

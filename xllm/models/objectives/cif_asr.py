@@ -43,7 +43,8 @@ class CIFSpeechRecognition(nn.Module):
         out = model.interfaces[MODALITY].fire(frames, mask, target_lengths)
         embeddings = model.require_llm().model.get_input_embeddings().weight
         vectors = model.adapters[MODALITY](out.hidden)
-        logits = COSINE_SCALE * F.normalize(vectors, dim=-1) @ F.normalize(embeddings, dim=-1).T
+        # The LLM may be stored in bf16 (model.frozen_dtype) while the C-Former trains in fp32.
+        logits = COSINE_SCALE * F.normalize(vectors, dim=-1) @ F.normalize(embeddings.to(vectors.dtype), dim=-1).T
         return out, logits
 
     def forward(self, model, batch: Batch) -> ModelOutput:
