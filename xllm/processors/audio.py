@@ -114,6 +114,26 @@ def _read_av(path: Path) -> tuple[np.ndarray, int]:
     return data, sample_rate
 
 
+def audio_duration(path: str | Path) -> float:
+    """Seconds of audio in a file, read from its header without decoding it: soundfile for WAV/FLAC, PyAV's
+    container duration otherwise. A missing file raises FileNotFoundError; an unreadable header ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        try:
+            return float(sf.info(str(path)).duration)
+        except (sf.LibsndfileError, RuntimeError) as error:
+            raise ValueError(f"cannot read the header of audio file {path}: {error}") from error
+    try:
+        with av.open(str(path)) as container:
+            if container.duration is None:
+                raise ValueError(f"audio file {path} declares no duration in its header")
+            return container.duration / av.time_base
+    except av.error.FFmpegError as error:
+        raise ValueError(f"cannot read the header of audio file {path}: {error}") from error
+
+
 def is_silent(audio: np.ndarray) -> bool:
     """True when the waveform holds no signal (all zeros, or below 16-bit resolution)."""
     return audio.size > 0 and float(np.abs(audio).max()) < SILENCE_PEAK
