@@ -60,7 +60,7 @@ def main() -> None:
         scan(train_parts, run.max_bad_fraction)
     train_set = training_set(train_parts, cfg.datasets, run.seed)
     train_loader = training_loader(train_set, task.collator(model, training=True), run.batch_size, run.seed,
-                                   run.num_workers)
+                                   run.num_workers, run.group_by_length)
     val_set = concat(list(val_parts.values()))
     val_loader = evaluation_loader(val_set, task.collator(model, training=True), run.eval_batch_size,
                                    run.num_workers)

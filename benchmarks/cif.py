@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/cif.py     (or plain python after `pip install -e .`)
 
-The reference loop is the one the tests prove equality against (tests/test_cif.py), imported from there so
-there is only one copy of it.
+The reference loop is the one the tests prove equality against, imported from tests/cif_reference.py (a plain
+module needing only torch) so there is only one copy of it and the benchmark runs without the test extras.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from xllm.models.interfaces.cif import integrate_and_fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_cif import reference_integrate_and_fire  # noqa: E402
+from cif_reference import reference_integrate_and_fire  # noqa: E402
 
 SHAPES = [(1, 100, 256), (8, 200, 256), (8, 500, 512), (16, 1000, 512)]
 

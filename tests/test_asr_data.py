@@ -10,7 +10,8 @@ from xllm.datasets.registry import BUILDERS
 from xllm.common.config import ConfigError
 from xllm.datasets.builders.speech_instruction import ASRInstructionBuilder
 from xllm.datasets.config import resolve_datasets
-from xllm.datasets.builders.asr import ASRBuilder, ASRDataset, read_aishell1, read_aishell2, read_kaldi_dir, read_manifest
+from xllm.datasets.builders.asr import (ASRBuilder, ASRDataset, ASRRecord, read_aishell1, read_aishell2, read_kaldi_dir,
+                                        read_manifest)
 from xllm.processors.audio import AudioProcessor
 
 
@@ -146,3 +147,20 @@ def test_text_files_that_are_not_utf8_are_named(tmp_path):
     (tmp_path / "m.jsonl").write_bytes('{"id": "u", "audio": "a.wav", "text": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"m\.jsonl is not UTF-8 text"):
         read_manifest(tmp_path / "m.jsonl")
+
+
+def test_lengths_are_seconds_from_the_header_or_the_manifest_without_decoding(tmp_path):
+    for utt, seconds in (("a", 0.3), ("b", 1.25), ("c", 2.5)):
+        write_wav(tmp_path / "audio" / f"{utt}.wav", seconds=seconds)
+    entries = [{"id": "a", "audio": "audio/a.wav", "text": "x"}, {"id": "b", "audio": "audio/b.wav", "text": "y"},
+               {"id": "c", "audio": "audio/c.wav", "text": "z", "duration": 7.0}]  # a manifest's figure wins
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(e) for e in entries))
+    records = read_manifest(tmp_path / "m.jsonl")
+    assert ASRDataset(records, AudioProcessor()).lengths() == [0.3, 1.25, 7.0]
+    assert ASRDataset(records, AudioProcessor(max_seconds=1.0)).lengths() == [0.3, 1.0, 1.0]  # trimmed to it
+    (tmp_path / "audio" / "b.wav").write_bytes(b"RIFF....WAVEbroken")  # named when the sample is read
+    assert ASRDataset(records, AudioProcessor()).lengths() == [0.3, 0.0, 7.0]
+    assert ASRDataset(records, AudioProcessor()).modality == "speech"
+    bad = [ASRRecord("d", tmp_path / "audio" / "a.wav", "x", {"duration": "long"})]
+    with pytest.raises(ValueError, match=r"utterance 'd': manifest field 'duration' must be a number of seconds"):
+        ASRDataset(bad, AudioProcessor()).lengths()

@@ -13,6 +13,7 @@ from xllm.common.config import ConfigError
 from xllm.datasets.config import resolve_datasets
 from xllm.datasets.registry import BUILDERS
 from xllm.datasets.build import build_split
+from xllm.datasets.lengths import text_length
 from xllm.datasets.loader import training_loader
 from xllm.processors.collator import Collator
 from xllm.processors.image import ImageProcessor
@@ -116,6 +117,8 @@ def test_a_training_stream_is_dealt_by_rank_shuffled_and_resumable(micro_world, 
     assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}  # shards dealt, no overlap
     with pytest.raises(ValueError, match="3 shards cannot be dealt to 4 processes"):
         stream_ids(stream(0, 4), 2, workers=0)
+    with pytest.raises(ValueError, match="run.group_by_length needs map-style training data"):
+        training_loader(stream(), lambda samples: samples, 4, seed=0, group_by_length=True)
 
 
 @pytest.mark.parametrize("caption", [None, "", "   ", 7, ["a"]])
@@ -139,3 +142,28 @@ def test_world_qa_pairs_of_the_wrong_type_are_named(tmp_path, pairs):
     with pytest.raises(ValueError, match=r"record 0 in .*train\.json: field 'qa' must be a list of \[question, "
                                          r"answer\] pairs of non-empty strings"):
         build(tmp_path, builder="world_qa")
+
+
+def test_text_length_counts_words_and_each_cjk_character():
+    assert text_length("A red circle, top-left.") == 4
+    assert text_length("图片里有几个图形？") == 9 and text_length("两个。 two shapes") == 5
+    assert text_length("  ") == 0
+
+
+def test_caption_lengths_are_the_text_a_sample_holds_and_nothing_is_decoded(tmp_path):
+    folder_with(tmp_path, [{"image": "ok.png", "caption": "a red circle"},
+                           {"image": "ok.png", "caption": "红色的圆"}])
+    dataset = build(tmp_path, prompts=["<Image><ImageHere></Image> Describe.", "<Image><ImageHere></Image> What?"])
+    (tmp_path / "ok.png").unlink()  # lengths come from the annotation alone
+    assert dataset.lengths() == [2 + 3, 2 + 4] and dataset.modality == "image"
+
+
+def test_a_dialogue_counts_its_first_round(micro_world):
+    qa, dialogue = (build_split(resolve_datasets(OmegaConf.create({"d": {"builder": "world_qa", "mode": mode,
+                                                                          **micro_world}})), "train")["d"]
+                    for mode in ("qa", "dialogue"))
+    first_round = [text_length(dialogue.cfg.describe_prompt) + text_length(record[dialogue.cfg.caption_field])
+                   for record, _, _ in dialogue.items]
+    qa_text = [text_length(q) + text_length(a) for _, q, a in dialogue.items]
+    assert dialogue.lengths() == [f + t for f, t in zip(first_round, qa_text)]
+    assert qa.lengths() == [text_length(qa.cfg.question_prompt.format(question="")) + t for t in qa_text]

@@ -26,7 +26,10 @@ from xllm.common import dist
 from xllm.common.config import ConfigError
 from xllm.config import load_config, per_process_batch_size
 from xllm.datasets.build import build_split
-from xllm.datasets.loader import evaluation_loader, training_loader
+from xllm.datasets.guard import GuardedDataset
+from xllm.datasets.lengths import record_lengths
+from xllm.datasets.loader import EpochSampler, LengthGroupedSampler, evaluation_loader, training_loader
+from xllm.datasets.mixture import MixtureDataset
 from xllm.models.builder import build_model
 from xllm.runners.parallel import full_tensor
 from xllm.runners.runner import Runner
@@ -55,7 +58,7 @@ def first_step_and_losses(cfg_path: str, results, rank: int | None = None, init:
     model = build_model(cfg.model)
     task = TASKS.get(cfg.run.task)(cfg.run)
     train = training_loader(build_split(cfg.datasets, "train")["world"], task.collator(model, training=True),
-                            cfg.run.batch_size, cfg.run.seed)
+                            cfg.run.batch_size, cfg.run.seed, group_by_length=cfg.run.group_by_length)
     runner = Runner(cfg.run, model, task, train)
     if cfg.run.resume:
         runner.resume(cfg.run.resume)
@@ -104,18 +107,20 @@ def argmax_negatives(monkeypatch):
                         lambda similarity, positives: similarity.masked_fill(positives, float("-inf")).argmax(1))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-@pytest.mark.parametrize("stage", ["stage2", "stage1"])
-def test_two_processes_give_the_one_process_gradients_and_losses(stage, strategy, tmp_path, micro_model_cfg,
+# Batches grouped by length are dealt as the shuffled ones: two processes see the one process's global batches.
+@pytest.mark.parametrize("stage, strategy, grouped", [("stage2", "ddp", False), ("stage2", "fsdp", False),
+                                                      ("stage1", "ddp", False), ("stage1", "fsdp", False),
+                                                      ("stage2", "ddp", True)])
+def test_two_processes_give_the_one_process_gradients_and_losses(stage, strategy, grouped, tmp_path, micro_model_cfg,
                                                                  stage1_cfg, micro_world, argmax_negatives):
     model, task = (micro_model_cfg, "llm") if stage == "stage2" else (stage1_cfg, "qformer_pretrain")
     datasets = {"world": {"builder": "coco_caption", **micro_world}}
     one = {}
     first_step_and_losses(str(write_cfg(tmp_path / "one", model, datasets, task=task, batch_size=4,
-                                        max_steps=4)), one)
+                                        max_steps=4, group_by_length=grouped)), one)
     two = in_two_processes(first_step_and_losses, str(write_cfg(
-        tmp_path / "two", model, datasets, task=task, batch_size=2, max_steps=4, distributed=strategy)),
-        tmp_path=tmp_path)
+        tmp_path / "two", model, datasets, task=task, batch_size=2, max_steps=4, distributed=strategy,
+        group_by_length=grouped)), tmp_path=tmp_path)
     assert set(two["grads"]) == set(one["grads"]) and one["grads"]
     flat_one = torch.cat([g.flatten() for _, g in sorted(one["grads"].items())])
     flat_two = torch.cat([g.flatten() for _, g in sorted(two["grads"].items())])
@@ -303,3 +308,110 @@ def test_deepspeed_zero_gives_the_one_process_losses(stage, tmp_path, micro_mode
         tmp_path / "resumed", micro_model_cfg, datasets, **run, resume=str(checkpoints / "step_2"))),
         tmp_path=tmp_path)
     assert resumed["losses"] == pytest.approx(two["losses"][2:], rel=1e-6)
+
+
+def dealt(make_sampler, world: int, monkeypatch, start: int = 0) -> list[list[int]]:
+    """Each rank's indices of epoch 0 from ``start`` on, as ``world`` processes see them."""
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    ranks = []
+    for rank in range(world):
+        monkeypatch.setattr(dist, "rank", lambda: rank)
+        sampler = make_sampler()
+        sampler.set_position(0, start)
+        ranks.append(list(sampler))
+    return ranks
+
+
+def known_lengths(count: int = 240) -> list[float]:
+    return torch.randint(1, 200, (count,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def padding_fraction(order: list[int], lengths: list[float], batch: int) -> float:
+    """The share of a batch's padded positions that are padding, over the whole batches of ``order``."""
+    batches = [[lengths[i] for i in order[k:k + batch]] for k in range(0, len(order) - batch + 1, batch)]
+    return 1 - sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_length_grouped_epoch_is_fixed_by_seed_and_epoch_and_dealt_once_to_disjoint_ranks(world, monkeypatch):
+    lengths, batch = known_lengths(), 4
+    modalities = ["speech"] * 144 + ["image"] * 96
+    grouped = lambda seed=3: LengthGroupedSampler(lengths, modalities, seed, batch * world)  # noqa: E731
+    ranks = dealt(grouped, world, monkeypatch)
+    order = grouped().order()
+    assert order == grouped().order() and sorted(order) == list(range(240))
+    assert ranks == [order[rank::world] for rank in range(world)]  # dealt as EpochSampler deals its permutation
+    assert sorted(i for rank in ranks for i in rank) == list(range(240))  # every sample once, on one rank
+    again = grouped()
+    again.set_position(1, 0)
+    assert again.order() != order and grouped(seed=4).order() != order
+    # Each step's samples over every rank are one modality (240 = whole global batches of both) and one length range.
+    for step in range(240 // (batch * world)):
+        samples = [i for rank in ranks for i in rank[step * batch:(step + 1) * batch]]
+        assert len({modalities[i] for i in samples}) == 1
+    alone = dealt(lambda: EpochSampler(240, 3), world, monkeypatch)
+    assert [len(rank) for rank in ranks] == [len(rank) for rank in alone] == [240 // world] * world
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_length_grouped_epoch_resumes_exactly_on_any_world_size_with_the_global_batch(world, monkeypatch):
+    lengths, modalities = known_lengths(), ["speech"] * 240
+    grouped = lambda: LengthGroupedSampler(lengths, modalities, 3, 8)  # noqa: E731
+    unbroken = dealt(grouped, world, monkeypatch)
+    batch, seen_steps = 8 // world, 5
+    resumed = dealt(grouped, world, monkeypatch, start=seen_steps * 8)
+    assert [rank[:seen_steps * batch] + after for rank, after in zip(unbroken, resumed)] == unbroken
+    # The same global batches with one process of batch 8 and two of batch 4: a run resumes on either.
+    alone = dealt(grouped, 1, monkeypatch)[0]
+    for step in range(240 // 8):
+        assert sorted(i for rank in unbroken for i in rank[step * batch:(step + 1) * batch]) == \
+            sorted(alone[step * 8:(step + 1) * 8])
+
+
+def test_length_grouped_batches_pad_less_than_shuffled_ones(monkeypatch):
+    lengths = known_lengths()
+    grouped = LengthGroupedSampler(lengths, ["speech"] * 240, 3, 8)
+    shuffled = padding_fraction(EpochSampler(240, 3)._indices(), lengths, 8)
+    assert padding_fraction(grouped._indices(), lengths, 8) < shuffled / 3
+
+
+class KnownLengths(torch.utils.data.Dataset):
+    """Records of given lengths and one modality, as a builder's dataset gives them (``xllm.datasets.lengths``)."""
+
+    def __init__(self, lengths: list[float], modality: str | None) -> None:
+        self.records, self.modality = lengths, modality
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"id": index, "length": self.records[index], "modality": self.modality}
+
+    def lengths(self) -> list[float]:
+        return list(self.records)
+
+
+def test_a_length_grouped_mixture_batches_one_modality_at_a_time_padding_less(monkeypatch):
+    lengths = known_lengths(300)
+    parts = {name: GuardedDataset(KnownLengths(lengths[start:start + 100], modality), name, "error", training=True)
+             for name, start, modality in (("asr", 0, "speech"), ("masr", 100, "image+speech"),
+                                           ("caption", 200, "image"))}
+    mixture = MixtureDataset(parts, {"asr": 2.0, "masr": 1.0, "caption": 1.0}, seed=0)
+    batches = {}
+    for grouped in (False, True):
+        loader = training_loader(mixture, lambda samples: samples, 4, seed=0, group_by_length=grouped)
+        batches[grouped] = list(loader)
+    mixed = {grouped: sum(len({s["modality"] for s in b}) > 1 for b in found) for grouped, found in batches.items()}
+    assert mixed[True] <= 2 < mixed[False]  # at most the batches of what is left of each modality mix
+    assert len(batches[True]) == len(batches[False]) == 75
+    padding = {grouped: padding_fraction(list(range(300)), [s["length"] for b in found for s in b], 4)
+               for grouped, found in batches.items()}
+    assert padding[True] < padding[False] / 2
+
+
+def test_a_dataset_without_lengths_is_grouped_by_modality_only(monkeypatch, caplog):
+    plain = KnownLengths([5.0, 1.0, 9.0], "image")
+    monkeypatch.delattr(KnownLengths, "lengths")
+    with caplog.at_level("WARNING"):
+        assert record_lengths(torch.utils.data.ConcatDataset([plain, KnownLengths([2.0], "speech")])) == [0.0] * 4
+    assert "KnownLengths gives no record lengths: its batches are grouped by modality only" in caplog.text

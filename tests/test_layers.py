@@ -120,3 +120,16 @@ def test_checking_a_model_section_imports_models_only():
 
 def test_import_xllm_stays_light():
     assert not any(m == "torch" or m.startswith("xllm.") for m in loaded_after("import xllm"))
+
+
+def test_benchmarks_import_with_the_package_dependencies_only():
+    """A benchmark runs on an installed xllm without the test extras: importing each (not running it) with pytest
+    made unimportable succeeds."""
+    benchmarks = sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+    assert benchmarks
+    script = ("import importlib.util, sys\nsys.modules['pytest'] = None\n"
+              f"for path in {[str(p) for p in benchmarks]!r}:\n"
+              "    spec = importlib.util.spec_from_file_location('benchmark', path)\n"
+              "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -14,7 +14,8 @@ from xllm.config import load_config
 from xllm.common.paths import configs_dir
 from xllm.datasets.build import build_split
 from xllm.datasets.builders.masr import scene_image
-from xllm.datasets.loader import evaluation_loader
+from xllm.datasets.loader import evaluation_loader, training_loader
+from xllm.datasets.mixture import training_set
 from xllm.world.scenes import Scene, parse_caption
 from xllm.world.speech_corpus import WorldSpeechSpec, spoken_scenes
 from xllm.models.builder import build_model
@@ -139,3 +140,18 @@ def test_stage3_configs_hold_speech():
     baseline = re.search(r"'model\.checkpoint=\[(.*?)\]'", path.read_text()).group(1).split(",")
     assert baseline == checkpoints  # the comment's stage-2 baseline command: every stage-3 starting weight
     assert {evaluation.datasets.asr.max_samples, evaluation.datasets.masr.max_samples} == {100}
+
+
+def test_speech_lengths_are_the_decoded_seconds_and_grouped_batches_keep_masr_apart(stage3_cfg):
+    datasets = stage3_cfg.datasets
+    mixture = training_set(build_split(datasets, "train"), datasets, seed=0)
+    lengths, modalities = mixture.lengths(), mixture.modalities()
+    for index in range(0, len(mixture), 3):
+        sample = mixture[index]
+        frames = sample["speech"].shape[-1]  # one per 10 ms, the last partial one dropped
+        assert frames / 100 <= lengths[index] < (frames + 1) / 100, sample["id"]
+        assert modalities[index] == ("image+speech" if "image" in sample else "speech")
+    batch = 4
+    order = training_loader(mixture, lambda samples: samples, batch, seed=0, group_by_length=True).sampler._indices()
+    assert sorted(order) == list(range(len(mixture))) and len(mixture) % (2 * batch) == 0
+    assert all(len({modalities[i] for i in order[k:k + batch]}) == 1 for k in range(0, len(order), batch))

@@ -30,7 +30,8 @@ def make_runner(cfg) -> Runner:
     torch.manual_seed(0)
     model = build_model(cfg.model)
     collator = model.collator()
-    train = training_loader(build_split(cfg.datasets, "train")["world"], collator, cfg.run.batch_size, cfg.run.seed)
+    train = training_loader(build_split(cfg.datasets, "train")["world"], collator, cfg.run.batch_size, cfg.run.seed,
+                            group_by_length=cfg.run.group_by_length)
     val = evaluation_loader(build_split(cfg.datasets, "val")["world"], collator, cfg.run.eval_batch_size)
     return Runner(cfg.run, model, LLMTask(cfg.run), train, val)
 
@@ -58,9 +59,10 @@ def test_accumulation_equals_one_large_batch(tmp_path, micro_model_cfg, micro_wo
         assert torch.allclose(value, trained(small)[name], atol=1e-6), name
 
 
-def test_resume_continues_exactly(tmp_path, micro_model_cfg, micro_world):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_continues_exactly(group_by_length, tmp_path, micro_model_cfg, micro_world):
     cfg = make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=4, save_interval=2, keep_last=3,
-                   val_interval=2, val_max_batches=1)
+                   val_interval=2, val_max_batches=1, group_by_length=group_by_length)
     unbroken = make_runner(cfg)
     last = unbroken.train()
     assert last.name == "step_4"
@@ -75,6 +77,18 @@ def test_resume_continues_exactly(tmp_path, micro_model_cfg, micro_world):
     assert keys == set(trained(unbroken)) and not any(k.startswith("llm.") for k in keys)
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert {"train", "val"} <= {row["split"] for row in logs}
+
+
+def test_a_length_grouped_run_resumes_only_with_its_global_batch(tmp_path, micro_model_cfg, micro_world):
+    make_runner(make_cfg(tmp_path, micro_model_cfg, micro_world, max_steps=2, batch_size=4,
+                         group_by_length=True)).train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    # 8 samples seen divide by a batch of 2, but the grouped order was laid out for global batches of 4.
+    with pytest.raises(ValueError, match=r"grouped by length depend on the global batch, 4 samples when saved and 2 "
+                                         r"now \(1 processes x batch 2\); keep it \(run.global_batch_size\)"):
+        make_runner(make_cfg(tmp_path, micro_model_cfg, micro_world, batch_size=2,
+                             group_by_length=True)).resume(checkpoint)
+    make_runner(make_cfg(tmp_path, micro_model_cfg, micro_world, batch_size=2)).resume(checkpoint)  # shuffled: fine
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -49,6 +49,7 @@ def test_builder_normalises_and_names_a_sample_with_wrong_channels(tmp_path):
     assert sample["signal"].shape == (4, 16)
     assert sample["signal"][0, 0].item() == pytest.approx((record["signal"][0][0] - 50.0) / 30.0, abs=1e-5)
     assert sample["answer"] == record["answer"]
+    assert dataset.lengths() == [16.0] * len(dataset) and dataset.modality == "signal"  # steps, for grouping
 
     bad = tmp_path / "bad"
     (bad / "annotations").mkdir(parents=True)

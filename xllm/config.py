@@ -48,6 +48,9 @@ class RunConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float | None = 1.0
     num_workers: int = 0
+    # Training batches of one modality and about one length (xllm.datasets.loader.LengthGroupedSampler): less
+    # padding for speech, dialogues and mixtures; the order then depends on the global batch too.
+    group_by_length: bool = False
     log_interval: int = 10
     val_interval: int | None = None  # optimizer steps between validations; None: once per epoch
     val_max_batches: int | None = None

@@ -12,6 +12,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import ChainDataset, ConcatDataset, Dataset, IterableDataset
 
+from xllm.datasets.lengths import record_lengths, record_modalities
+
 
 class MixtureDataset(Dataset):
     def __init__(self, parts: dict[str, Dataset], ratios: dict[str, float], seed: int, size: int | None = None) -> None:
@@ -37,6 +39,17 @@ class MixtureDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         name, inner = self.plan[index]
         return {**self.parts[name][inner], "task": name}
+
+    def lengths(self) -> list[float]:
+        """Each planned sample's length, its part's (``xllm.datasets.lengths``)."""
+        return self._per_sample(record_lengths)
+
+    def modalities(self) -> list[str]:
+        return self._per_sample(record_modalities)
+
+    def _per_sample(self, per_record) -> list:
+        values = {name: per_record(part) for name, part in self.parts.items()}
+        return [values[name][inner] for name, inner in self.plan]
 
 
 def concat(datasets: list[Dataset]) -> Dataset:

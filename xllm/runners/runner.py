@@ -139,6 +139,11 @@ class Runner:
         if samples % self._samples_per_batch():
             raise ValueError(f"{folder}: {samples} samples of epoch {state['epoch']} seen, which {dist.world_size()} "
                              f"processes x batch {self.run.batch_size} cannot continue from exactly")
+        grouped_for, saved_for = getattr(self.data, "global_batch", None), state.get("global_batch")
+        if grouped_for is not None and saved_for is not None and grouped_for != saved_for:
+            raise ValueError(f"{folder}: batches grouped by length depend on the global batch, {saved_for} samples "
+                             f"when saved and {grouped_for} now ({dist.world_size()} processes x batch "
+                             f"{self.run.batch_size}); keep it (run.global_batch_size) to resume exactly")
         check_manifest(folder, self.model)
         self.strategy.load(self.model, folder)
         self.strategy.scheduler.load_state_dict(state["scheduler"])
@@ -174,7 +179,7 @@ class Runner:
             (staging / MANIFEST).write_text(json.dumps(manifest(self.model, self.step, self.val_loss), indent=1))
             torch.save({"scheduler": self.strategy.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                         "samples_done": self.batches_done * self._samples_per_batch(),
-                        "world_size": dist.world_size()}, staging / STATE)
+                        "world_size": dist.world_size(), "global_batch": self._samples_per_batch()}, staging / STATE)
         dist.barrier()
         if dist.is_main():
             publish(folder, self.run.keep_last, best_checkpoint if self.run.keep_best else None)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from xllm.common.config import choice, path_field
 from xllm.common.paths import read_utf8, resolve_path
-from xllm.processors.audio import AudioProcessor
+from xllm.processors.audio import AudioProcessor, audio_duration
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +158,34 @@ class ASRDataset(Dataset):
     """Records -> ``{"id", "features", "text"}`` through an audio processor (``AudioProcessor`` or any callable
     taking ``(path, utt_id=...)``)."""
 
+    modality = "speech"
+
     def __init__(self, records: list[ASRRecord], audio_processor: Callable[..., torch.Tensor]) -> None:
         self.records, self.audio_processor = records, audio_processor
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def lengths(self) -> list[float]:
+        """Seconds of audio per utterance (``xllm.datasets.lengths``): the manifest's ``duration`` where it gives
+        one, else the file's header, at most the processor's ``max_seconds`` (longer audio is trimmed to it). A file
+        whose header cannot be read counts 0 s: reading the sample names it (or skips it, ``on_bad_sample``)."""
+        limit = getattr(self.audio_processor, "max_seconds", None)
+        seconds = [self._seconds(record) for record in self.records]
+        return seconds if limit is None else [min(s, limit) for s in seconds]
+
+    @staticmethod
+    def _seconds(record: ASRRecord) -> float:
+        given = record.extra.get("duration")
+        if given is not None:
+            if isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0:
+                raise ValueError(f"utterance {record.utt_id!r}: manifest field 'duration' must be a number of "
+                                 f"seconds, got {given!r}")
+            return float(given)
+        try:
+            return audio_duration(record.audio)
+        except (OSError, ValueError):
+            return 0.0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from xllm.common import dist
 from xllm.common.config import choice, path_field
 from xllm.common.paths import cache_dir, read_utf8, resolve_path, spec_digest
+from xllm.datasets.lengths import text_length
 from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
 from xllm.processors.image import ImageProcessor
@@ -68,6 +69,16 @@ class CaptionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def modality(self) -> str:
+        return self.media
+
+    def lengths(self) -> list[float]:
+        """Text units per record (``xllm.datasets.lengths``): its caption and the prompts' mean, which a
+        training sample draws from; the medium is of one size."""
+        prompt = sum(map(text_length, self.prompts)) / len(self.prompts)
+        return [prompt + text_length(record[self.caption_field]) for record in self.records]
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

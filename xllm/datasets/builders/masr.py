@@ -33,6 +33,8 @@ def scene_image(scene: Scene, utt_id: str, seed: int, size: int) -> Image.Image:
 class WorldMASRDataset(SpeechInstructionDataset):
     """The world's utterances, each with the picture of the scene it speaks about."""
 
+    modality = "image+speech"  # batched apart from speech alone: a batch then runs one set of encoders
+
     def __init__(self, records: list[ASRRecord], processor: AudioProcessor, prompts: dict[str, list[str]],
                  lang: str, training: bool, scenes: dict[str, Scene], image_processor: ImageProcessor,
                  seed: int) -> None:

@@ -69,8 +69,14 @@ class SignalTextDataset(Dataset):
         self.records, self.cfg, self.training = records, cfg, training
         self.processor = SignalProcessor(list(cfg.mean), list(cfg.std))
 
+    modality = "signal"
+
     def __len__(self) -> int:
         return len(self.records)
+
+    def lengths(self) -> list[float]:
+        """Steps per series (``xllm.datasets.lengths``), what a batch of signals is padded along."""
+        return [float(len(record[self.cfg.signal_field])) for record in self.records]
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from xllm.datasets.lengths import text_length
 from xllm.datasets.registry import register_builder
 from xllm.common.config import choice
 from xllm.datasets.builders.caption import CaptionBuilderConfig, CocoCaptionBuilder, not_text
@@ -37,8 +38,19 @@ class WorldQADataset(Dataset):
         self.cfg, self.processor, self.image_root = cfg, processor, image_root
         self.items = [(record, q, a) for record in records for q, a in question_answers(record, cfg.lang)]
 
+    modality = "image"
+
     def __len__(self) -> int:
         return len(self.items)
+
+    def lengths(self) -> list[float]:
+        """Text units per item (``xllm.datasets.lengths``): the question and answer, and in a dialogue the first
+        round (the describing prompt and the caption) too."""
+        cfg = self.cfg
+        if cfg.mode == "qa":
+            return [text_length(cfg.question_prompt.format(question=q)) + text_length(a) for _, q, a in self.items]
+        return [text_length(cfg.describe_prompt) + text_length(record[cfg.caption_field]) + text_length(q)
+                + text_length(a) for record, q, a in self.items]
 
     def __getitem__(self, index: int) -> dict:
         record, question, answer = self.items[index]
