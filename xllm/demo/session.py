@@ -1,8 +1,9 @@
 """A multi-turn chat with a trained model: media attached along the way, answers streamed token by token.
 
-``load_run(RUN)`` rebuilds the model a run trained (its saved ``config.yaml``, its latest checkpoint) with the
-processors its config names; ``ChatSession`` keeps the conversation (earlier rounds and every medium attached so
-far, in prompt order), so each reply sees the whole dialogue, as the collator lays out multi-turn samples.
+``load_run(RUN)`` rebuilds the model a run trained (its saved ``config.yaml``, its latest checkpoint, LoRA merged
+into the LLM) with the processors its config names; ``ChatSession`` keeps the conversation (earlier rounds and
+every medium attached so far, in prompt order), so each reply sees the whole dialogue, as the collator lays out
+multi-turn samples.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from xllm.common.checkpoint import latest_checkpoint
 from xllm.common.config import as_list
 from xllm.models.builder import build_model, build_processors
 from xllm.models.config import resolve_model
+from xllm.models.lora import merge_lora
 from xllm.models.xllm import XLLM
 from xllm.processors.collator import media_span
 
 
-def load_run(run: str | Path, device: str = "cpu") -> tuple[XLLM, dict]:
-    """The model of a run folder (its ``config.yaml`` and latest checkpoint) and its processors by modality."""
+def load_run(run: str | Path, device: str = "cpu", merge: bool = True) -> tuple[XLLM, dict]:
+    """The model of a run folder (its ``config.yaml`` and latest checkpoint) and its processors by modality.
+    ``merge``: LoRA adapters (``model.llm.lora``) are merged into the LLM's weights, which answers the same
+    faster."""
     run = Path(run).expanduser()
     config = run / "config.yaml"
     if not config.is_file():
@@ -33,8 +37,10 @@ def load_run(run: str | Path, device: str = "cpu") -> tuple[XLLM, dict]:
     model_cfg = OmegaConf.load(config).model
     earlier = as_list(model_cfg.checkpoint) if model_cfg.checkpoint else []
     model_cfg.checkpoint = [*earlier, str(run)]  # what the run started from, then what it trained
-    model = build_model(resolve_model(model_cfg)).to(device).eval()
-    return model, build_processors(model.config)
+    model = build_model(resolve_model(model_cfg))
+    if merge:
+        merge_lora(model)
+    return model.to(device).eval(), build_processors(model.config)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from xllm.common.config import as_list
 from xllm.common.dtypes import torch_dtype
 from xllm.models.config import NO_LLM
 from xllm.models.interfaces.qformer_text import is_text_branch_key
+from xllm.models.lora import add_lora
 from xllm.models.memory import enable_activation_checkpointing, store_frozen_in
 from xllm.models.pretrained import load_pretrained
 from xllm.models.registry import ADAPTERS, ENCODERS, INTERFACES, LLMS
@@ -34,6 +35,8 @@ def build_model(cfg: DictConfig) -> XLLM:
     llm = None if cfg.llm.backend == NO_LLM else LLMS.get(cfg.llm.backend).from_config(cfg.llm)
     if llm is not None:
         llm.max_answer_length = cfg.llm.max_answer_length
+        if cfg.llm.lora is not None:  # before any checkpoint: a run's checkpoint holds the adapters' weights
+            log.info("LoRA beside %d layers of the LLM", len(add_lora(llm, cfg.llm.lora)))
     model = assemble(cfg, llm)
     model.config = cfg
     model.requires_grad_(False)
@@ -43,7 +46,10 @@ def build_model(cfg: DictConfig) -> XLLM:
     for path in as_list(cfg.checkpoint) if cfg.checkpoint else []:  # in order: later checkpoints win
         loaded = load_weights(model, path, optional=is_text_branch_key)  # stage 1's text branch: stage 2 has none
         log.info("loaded %d tensors from %s", len(loaded), path)
-    apply_trainable(model, list(cfg.trainable))
+    trainable = apply_trainable(model, list(cfg.trainable))
+    if cfg.llm.lora is not None and not any(".lora_" in name for name in trainable):
+        log.warning("model.llm.lora is set but model.trainable names none of its weights: they stay as loaded "
+                    "(add 'llm.*lora_*' to train them)")
     if cfg.activation_checkpointing:
         log.info("activation checkpointing in %s", ", ".join(
             enable_activation_checkpointing(model, list(cfg.activation_checkpointing))))

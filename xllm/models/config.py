@@ -22,6 +22,19 @@ NO_LLM = "none"  # model.llm.backend of a model built without an LLM (stage 1 ne
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft's LoRA) beside the LLM's linear layers; they train when ``model.trainable`` names
+    them (``llm.*lora_*``), the LLM's own weights stay frozen."""
+
+    r: int = 8  # the rank of each update
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input, while they train
+    # Module names, or the ends of dotted names, as peft matches them: q_proj, v_proj (Llama), query_key_value
+    # (ChatGLM-6B)
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LLMConfig:
     backend: str = "hf_causal"  # a registered LLM backend, or "none": no LLM
     path: str = path_field("model", default="")  # a folder, "zoo:<tier>/<name>", or a hub name when the hub is reachable
@@ -30,6 +43,7 @@ class LLMConfig:
     max_prompt_length: int | None = None  # prompt positions (text and media) a row may hold
     overflow: str = choice("refuse", "truncate")  # a longer prompt: an error, or its end kept (with a warning)
     max_answer_length: int | None = None  # answer tokens a training row keeps; longer answers are cut (a warning)
+    lora: LoRAConfig | None = None  # LoRA on the LLM; None trains none of its weights
 
 
 @dataclass
@@ -59,6 +73,21 @@ class ModelConfig:
     checkpoint: Any = path_field(default=None)
 
 
+def check_lora(lora: DictConfig, backend: str) -> None:
+    where = "model.llm.lora"
+    if backend == NO_LLM:
+        raise ConfigError(f"config key '{where}' is set but model.llm.backend is 'none': there is no LLM to adapt")
+    if lora.r < 1:
+        raise ConfigError(f"config key '{where}.r' must be a positive rank, got {lora.r}")
+    if lora.alpha <= 0:
+        raise ConfigError(f"config key '{where}.alpha' must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"config key '{where}.dropout' must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules or not all(lora.target_modules):
+        raise ConfigError(f"config key '{where}.target_modules' must name the LLM's modules to adapt (q_proj, "
+                          f"v_proj, ...), got {list(lora.target_modules)}")
+
+
 PARTS = {"encoder": ENCODERS, "interface": INTERFACES, "adapter": ADAPTERS}
 
 
@@ -79,6 +108,8 @@ def resolve_model(model: Any) -> DictConfig:
     checked = typed(ModelConfig, merged, "model")
     if checked.llm.backend != NO_LLM:
         registered(LLMS, checked.llm.backend, "model.llm.backend")
+    if checked.llm.lora is not None:
+        check_lora(checked.llm.lora, checked.llm.backend)
     if checked.checkpoint is not None and not all(isinstance(c, str) and c for c in as_list(checked.checkpoint)):
         raise ConfigError(f"config key 'model.checkpoint' must be a path or a list of paths, got {checked.checkpoint}")
     for name, modality in checked.modalities.items():

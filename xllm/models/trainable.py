@@ -48,3 +48,9 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
             visit(child, trains)
 
     visit(model, False)
+    # A LoRA layer (peft) holds frozen base weights beside its adapters, so by the rule above it stays in eval
+    # mode and so would its parameter-free ``lora_dropout``: that dropout follows the adapters it feeds.
+    for module in model.modules():
+        dropout, adapters = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if isinstance(dropout, nn.Module) and isinstance(adapters, nn.Module):
+            dropout.train(training and any(p.requires_grad for p in adapters.parameters()))
