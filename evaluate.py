@@ -21,6 +21,7 @@ from xllm.datasets.build import build_split
 from xllm.datasets.loader import evaluation_loader
 from xllm.eval.caption_metrics import format_table
 from xllm.models.builder import build_model
+from xllm.models.feature_cache import check_feature_caches
 from xllm.tasks.registry import TASKS
 
 
@@ -47,7 +48,9 @@ def main() -> None:
     collator = task.collator(model, training=False)
     report = {}
     with (output_dir / "predictions.jsonl").open("w") as predictions:
-        for name, dataset in build_split(cfg.datasets, run.eval_split).items():
+        parts = build_split(cfg.datasets, run.eval_split)
+        check_feature_caches(model, parts.values())
+        for name, dataset in parts.items():
             loader = evaluation_loader(dataset, collator, run.eval_batch_size, run.num_workers)
             entry = cfg.datasets[name]
             metrics, rows = task.evaluate(model, loader, entry.metric, entry.get("lang", "en"))

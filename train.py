@@ -19,6 +19,7 @@ from xllm.datasets.guard import scan
 from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.datasets.mixture import concat, training_set
 from xllm.models.builder import build_model
+from xllm.models.feature_cache import check_feature_caches
 from xllm.runners.runner import Runner
 from xllm.tasks.registry import TASKS
 
@@ -55,6 +56,7 @@ def main() -> None:
     if dist.is_main():
         print(f"config saved to {save_config(cfg, run.output_dir)}")
     model = build_model(cfg.model)
+    check_feature_caches(model, [*train_parts.values(), *val_parts.values()])
     task = TASKS.get(run.task)(run)
     if run.max_bad_fraction is not None:  # every sample read once: too much bad data stops the run here
         scan(train_parts, run.max_bad_fraction)

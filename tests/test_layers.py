@@ -25,6 +25,7 @@ ALLOWED = {
     "runners": {"common"},
     "config": {"common", "models", "datasets", "eval", "tasks"},
     "plan": {"common", "models", "config", "runners"},
+    "cache_features": {"common", "processors", "models", "datasets"},
     "demo": {"common", "processors", "models"},
     "serve": {"demo"},
     "infer": {"common", "processors", "models", "demo"},

@@ -1,7 +1,8 @@
 """The ``datasets`` section of a config: one block per dataset, checked against its builder's ``Config``.
 
-Besides its builder's options every dataset has ``ratio`` (its share of a mixture's samples, stage 3) and
-``metric`` (what its evaluation is scored by; the builder's ``metric`` when not given).
+Besides its builder's options every dataset has ``ratio`` (its share of a mixture's samples, stage 3),
+``metric`` (what its evaluation is scored by; the builder's ``metric`` when not given) and ``feature_cache`` (a
+folder written by ``scripts/cache_features.py``: the samples then carry the frozen encoders' outputs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from xllm.common.config import ConfigError, component
 from xllm.datasets.registry import BUILDERS
 
-SHARED_KEYS = ("ratio", "metric")
+SHARED_KEYS = ("ratio", "metric", "feature_cache")
 
 
 def resolve_datasets(datasets: Any) -> DictConfig:
@@ -33,4 +34,8 @@ def resolve_datasets(datasets: Any) -> DictConfig:
         if not isinstance(metric, str) or not metric:
             raise ConfigError(f"config key 'datasets.{name}.metric' must name a metric, got {metric!r}")
         checked[name]["metric"] = metric
+        cache = entry.get("feature_cache")
+        if cache is not None and (not isinstance(cache, str) or not cache):
+            raise ConfigError(f"config key 'datasets.{name}.feature_cache' must be a folder, got {cache!r}")
+        checked[name]["feature_cache"] = cache
     return OmegaConf.create(checked)

@@ -21,7 +21,7 @@ from xllm.models.llm.base import LLMBackend
 from xllm.models.memory import dtype_of
 from xllm.models.registry import OBJECTIVES
 from xllm.models.trainable import set_train_mode
-from xllm.processors.batch import IGNORE_INDEX, NO_MEDIUM, Batch
+from xllm.processors.batch import ENCODED, IGNORE_INDEX, NO_MEDIUM, Batch, is_encoded
 from xllm.processors.collator import CaptionTokens, Collator, marker
 
 log = logging.getLogger(__name__)
@@ -57,15 +57,19 @@ class Modality(nn.Module):
         self.encoder, self.interface, self.adapter = encoder, interface, adapter
 
     def features(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's features and mask; ``inputs`` is a batch tensor or the encoder's keyword arguments
-        (padded ``features`` and their ``lengths``). Each side gets floats in its own dtype: frozen parts may be
-        stored in bf16 (``model.frozen_dtype``) while the interface trains in fp32."""
+        """The encoder's features and mask, cast to the interface's dtype (frozen parts may be stored in bf16,
+        ``model.frozen_dtype``, while the interface trains in fp32). ``inputs`` are the encoder's (see
+        ``encoded``), or its outputs read from a feature cache (``{"encoded", "mask"}``): then it does not run."""
+        features, mask = (inputs[ENCODED], inputs["mask"]) if is_encoded(inputs) else self.encoded(inputs)
+        return _cast(features, dtype_of(self.interface)), mask
+
+    def encoded(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's own outputs, in its dtype (what a feature cache stores); ``inputs`` is a batch tensor or
+        the encoder's keyword arguments (padded ``features`` and their ``lengths``), cast to its dtype."""
         encoder_dtype = dtype_of(self.encoder)
         if isinstance(inputs, dict):
-            features, mask = self.encoder(**{k: _cast(v, encoder_dtype) for k, v in inputs.items()})
-        else:
-            features, mask = self.encoder(_cast(inputs, encoder_dtype))
-        return _cast(features, dtype_of(self.interface)), mask
+            return self.encoder(**{k: _cast(v, encoder_dtype) for k, v in inputs.items()})
+        return self.encoder(_cast(inputs, encoder_dtype))
 
     def forward(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """One [length, llm_width] tensor per medium (lengths may differ, e.g. speech)."""

@@ -248,6 +248,10 @@ class AudioProcessor(AudioConfig):
             raise ValueError(f"unknown audio processor option(s) {unknown}; known: {known}")
         return cls(**options)
 
+    def settings(self) -> dict:
+        """What the features depend on (a feature cache records it)."""
+        return {f.name: getattr(self, f.name) for f in fields(AudioConfig)}
+
     def __call__(self, path_or_array: str | Path | np.ndarray, utt_id: str | None = None,
                  sample_rate: int | None = None) -> torch.Tensor:
         if isinstance(path_or_array, (str, Path)):

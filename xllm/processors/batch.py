@@ -15,13 +15,21 @@ import torch
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, media, padding)
 MEDIA_SLOT = -1  # a prompt position a medium fills; never looked up in an embedding
 NO_MEDIUM = -1  # ``media_slots`` of text and padding positions
+# ``Batch.media[m]`` read from a feature cache: the frozen encoder's outputs, {ENCODED: [N, length, ...], "mask"}.
+ENCODED = "encoded"
+
+
+def is_encoded(media) -> bool:
+    """Whether a modality's batch media are encoder outputs (from a feature cache) rather than encoder inputs."""
+    return isinstance(media, dict) and ENCODED in media
 
 
 @dataclass
 class Batch:
     ids: list[str]
-    # Each modality's media in the order of their placeholders, row by row: a tensor of equal-sized media, or the
-    # encoder's keyword arguments ({"features", "lengths"}) for media padded along their last dimension.
+    # Each modality's media in the order of their placeholders, row by row: a tensor of equal-sized media, the
+    # encoder's keyword arguments ({"features", "lengths"}) for media padded along their last dimension, or the
+    # encoder's outputs read from a feature cache ({"encoded", "mask"}, padded along their first dimension).
     media: dict[str, torch.Tensor | dict[str, torch.Tensor]] = field(default_factory=dict)
     # The LLM's inputs, left-padded (absent for a model without an LLM).
     input_ids: torch.Tensor | None = None  # [B, L], the pad id at padding and placeholders

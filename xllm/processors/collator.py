@@ -20,8 +20,10 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
-from xllm.processors.batch import IGNORE_INDEX, MEDIA_SLOT, NO_MEDIUM, Batch
+from xllm.processors.batch import ENCODED, IGNORE_INDEX, MEDIA_SLOT, NO_MEDIUM, Batch
+from xllm.processors.feature_cache import EncodedMedium
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,17 @@ class CaptionTokens:
         return {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
 
 
-def collate_media(items: list[torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+def collate_media(items: list[torch.Tensor | EncodedMedium]) -> torch.Tensor | dict[str, torch.Tensor]:
     """Equal shapes stack; shapes that differ in their last dimension only (speech frames, signal steps) are
-    zero-padded there and come with their lengths, the encoder's keyword arguments."""
+    zero-padded there and come with their lengths, the encoder's keyword arguments. Encoder outputs read from a
+    feature cache are zero-padded along their first dimension, with their masks, as the encoder pads a batch."""
+    cached = [isinstance(t, EncodedMedium) for t in items]
+    if any(cached):
+        if not all(cached):
+            raise ValueError("a batch mixes media read from a feature cache with raw media of the same modality: "
+                             "give every dataset holding that modality a feature_cache, or none")
+        return {ENCODED: pad_sequence([t.features for t in items], batch_first=True),
+                "mask": pad_sequence([t.mask for t in items], batch_first=True)}
     if all(t.shape == items[0].shape for t in items):
         return torch.stack(items)
     if all(t.shape[:-1] == items[0].shape[:-1] for t in items):

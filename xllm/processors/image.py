@@ -63,6 +63,10 @@ class ImageProcessor:
         self.mean = torch.tensor(mean or CLIP_MEAN).view(3, 1, 1)
         self.std = torch.tensor(std or CLIP_STD).view(3, 1, 1)
 
+    def settings(self) -> dict:
+        """What the pixels depend on (a feature cache records it)."""
+        return {"image_size": self.image_size, "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
     def __call__(self, image: Image.Image | str | Path) -> torch.Tensor:
         """A [3, size, size] float tensor from a PIL image or an image file."""
         if not isinstance(image, Image.Image):

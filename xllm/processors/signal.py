@@ -26,5 +26,9 @@ class SignalProcessor:
         self.mean = torch.tensor([0.0] if mean is None else list(mean), dtype=torch.float32)[:, None]
         self.std = torch.tensor([1.0] if std is None else list(std), dtype=torch.float32)[:, None]
 
+    def settings(self) -> dict:
+        """What the normalised series depend on (a feature cache records it)."""
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
     def __call__(self, series) -> torch.Tensor:
         return (torch.as_tensor(series, dtype=torch.float32).T - self.mean) / self.std  # [channels, steps]

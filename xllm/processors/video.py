@@ -140,6 +140,11 @@ class VideoProcessor:
         self.frame = ImageProcessor(image_size, mean, std)
         self.num_frames, self.sampling, self.fps, self.backend, self.on_short = num_frames, sampling, fps, backend, on_short
 
+    def settings(self) -> dict:
+        """What the frames depend on (a feature cache records it)."""
+        return {**self.frame.settings(), "num_frames": self.num_frames, "sampling": self.sampling, "fps": self.fps,
+                "backend": self.backend, "on_short": self.on_short}
+
     def __call__(self, path: str | Path) -> torch.Tensor:
         """A [num_frames, 3, size, size] float tensor."""
         frames = read_frames(path, self.num_frames, self.sampling, self.fps, self.backend, self.on_short)
