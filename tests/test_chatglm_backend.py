@@ -90,13 +90,15 @@ def test_left_padded_rows_compute_what_they_compute_alone(backend, media_prompts
     input_ids, embeds, attention_mask, labels = left_pad_batch(backend, rows, media)
     with torch.no_grad():
         batch = backend(input_ids, embeds, attention_mask, labels)
+        logits = backend(input_ids, embeds, attention_mask).logits
         offset, losses = 0, []
         for i, row in enumerate(rows):
             ids, row_embeds, row_mask, row_labels = left_pad_batch(backend, [row], media[offset:offset + counts[i]])
             offset += counts[i]
             alone = backend(ids, row_embeds, row_mask, row_labels)
             real = attention_mask[i].bool()
-            assert (batch.logits[i, real] - alone.logits[0]).abs().max() <= 1e-4
+            assert (logits[i, real] - backend(ids, row_embeds, row_mask).logits[0]).abs().max() <= 1e-4
+            assert torch.allclose(batch.row_loss[i], alone.row_loss[0], atol=1e-4)
             losses.append((alone.loss, (row_labels[0, 1:] != IGNORE_INDEX).sum()))
     total = sum(count for _, count in losses)
     assert torch.allclose(batch.loss, sum(loss * count for loss, count in losses) / total, atol=1e-5)

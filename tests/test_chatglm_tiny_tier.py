@@ -192,18 +192,27 @@ def test_media_embeddings_fill_the_slots(model):
     assert torch.equal(inputs.inputs_embeds[~slots], model.llm.embed(inputs.input_ids)[~slots])
 
 
+def llm_outputs(model, samples: dict):
+    """The LLM's logits of every position, and its answer loss (per row) of the same batch."""
+    batch = model.make_batch(samples, with_answers=True)
+    inputs = model.splice(batch, model.encode(batch)[0])
+    logits = model.llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask).logits
+    return logits, model.llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, inputs.labels)
+
+
 def test_left_padded_row_equals_the_row_alone(model):
     prompts = [f"{SPAN}请描述这张图片。", f"{SPAN}图片里有什么？请仔细地描述每一个图形。"]
     answers = ["右上角有一个大的青色菱形，下方有一个小的黄色十字。", "中间有一个小的红色圆形。"]
     pictures = images(2)
     with torch.no_grad():
-        together = model(model.make_batch({"image": pictures, "prompt": prompts, "answer": answers}, True))
+        together, together_loss = llm_outputs(model, {"image": pictures, "prompt": prompts, "answer": answers})
         for row in range(2):
-            alone = model(model.make_batch({"image": pictures[row:row + 1], "prompt": prompts[row:row + 1],
-                                            "answer": answers[row:row + 1]}, True))
-            width = alone.logits.shape[1]
-            assert (together.logits[row, -width:] - alone.logits[0]).abs().max() <= 1e-4
-    assert together.loss.isfinite()
+            alone, alone_loss = llm_outputs(model, {"image": pictures[row:row + 1], "prompt": prompts[row:row + 1],
+                                                    "answer": answers[row:row + 1]})
+            width = alone.shape[1]
+            assert (together[row, -width:] - alone[0]).abs().max() <= 1e-4
+            assert torch.allclose(together_loss.row_loss[row], alone_loss.row_loss[0], atol=1e-4)
+    assert together_loss.loss.isfinite()
 
 
 def test_generation_through_the_composite(model):

@@ -100,7 +100,8 @@ def test_every_llm_backend_loads_lays_out_and_generates(name, request):
     ids, labels = layout.build_sequence(layout.tokenize(layout.format_prompt("Describe the image.")), "a red circle.")
     input_ids = torch.tensor([ids])
     out = llm(input_ids, llm.embed(input_ids), torch.ones_like(input_ids), torch.tensor([labels]))
-    assert out.logits.shape[:2] == input_ids.shape and torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss) and out.row_units.tolist() == [sum(label >= 0 for label in labels[1:])]
+    assert llm(input_ids, llm.embed(input_ids), torch.ones_like(input_ids)).logits.shape[:2] == input_ids.shape
     prompt, _ = layout.build_sequence(layout.tokenize(layout.format_prompt("Describe the image.")), None)
     prompt = torch.tensor([prompt])
     generated = llm.generate(prompt, llm.embed(prompt), torch.ones_like(prompt), max_new_tokens=3)

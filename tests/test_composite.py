@@ -77,13 +77,22 @@ def test_marker_and_media_counts_must_agree(model):
         collate([{**sample, "id": "s9", "speech": torch.zeros(80, 10)}])
 
 
+def llm_outputs(model, samples: dict):
+    """The LLM's logits of every position, and its answer loss (per row) of the same batch."""
+    _, _, inputs = spliced(model, samples)
+    logits = model.llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask).logits
+    return logits, model.llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, inputs.labels)
+
+
 def test_left_padded_row_equals_the_row_alone(model):
     prompts = [f"{SPAN} Describe.", f"Some longer text before {SPAN} and after it, to force padding."]
     pixels = images(2)
-    both = model(model.make_batch({"image": pixels, "prompt": prompts, "answer": ["a.", "b c d."]}, True))
-    alone = model(model.make_batch({"image": pixels[1:], "prompt": prompts[1:], "answer": ["b c d."]}, True))
-    width = alone.logits.shape[1]
-    assert torch.allclose(both.logits[1, -width:], alone.logits[0], atol=1e-5)
+    both, both_loss = llm_outputs(model, {"image": pixels, "prompt": prompts, "answer": ["a.", "b c d."]})
+    alone, alone_loss = llm_outputs(model, {"image": pixels[1:], "prompt": prompts[1:], "answer": ["b c d."]})
+    width = alone.shape[1]
+    assert torch.allclose(both[1, -width:], alone[0], atol=1e-5)
+    assert torch.allclose(both_loss.row_loss[1], alone_loss.row_loss[0], atol=1e-5)
+    assert both_loss.row_units[1] == alone_loss.row_units[0]
     generated = model.generate({"image": pixels, "prompt": prompts}, max_new_tokens=4)
     assert generated[1] == model.generate({"image": pixels[1:], "prompt": prompts[1:]}, max_new_tokens=4)[0]
 

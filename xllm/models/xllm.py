@@ -32,7 +32,6 @@ class ModelOutput:
     loss: torch.Tensor  # the mean over ``units``
     units: int  # what the loss averages over: answer tokens, image-text pairs, fired speech tokens
     logs: dict[str, float]  # the loss and its parts (itc, itm, itg; ce, quantity), as numbers
-    logits: torch.Tensor | None = None
     # Each sample's summed loss and units (a mixture's per-task losses), when the batch names tasks.
     row_loss: torch.Tensor | None = None
     row_units: torch.Tensor | None = None

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from xllm.processors.collator import TextLayout
+
+
+@dataclass
+class LLMOutput:
+    """What ``LLMBackend.forward`` returns: the logits without labels, the answer loss with them."""
+
+    logits: torch.Tensor | None = None  # [B, L, V], computed only when no labels are given
+    loss: torch.Tensor | None = None  # the mean cross-entropy over the labelled tokens (the gradient flows here)
+    row_loss: torch.Tensor | None = None  # [B] fp32: each row's summed loss, without gradient
+    row_units: torch.Tensor | None = None  # [B]: each row's labelled tokens
 
 
 class LLMBackend(nn.Module, ABC):
@@ -33,8 +44,10 @@ class LLMBackend(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None):
-        """Run the LLM on left-padded embeddings; returns an object with ``.loss`` (if labels) and ``.logits``."""
+                labels: torch.Tensor | None = None) -> LLMOutput:
+        """Run the LLM on left-padded embeddings. Without labels: the logits of every position. With labels
+        ([B, L], ``IGNORE_INDEX`` where no loss is read): the loss of each labelled token predicted from the
+        position before it, computed at those positions only (``xllm.models.llm.label_loss``), no logits."""
 
     @abstractmethod
     def generate(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -330,11 +330,39 @@ class ChatGLMForConditionalGeneration(nn.Module):
         also when ``inputs_embeds`` carry the actual inputs. With a cache and no explicit mask or positions,
         new tokens continue the newest cached token: same position, block position + 1, and they see what it
         saw plus themselves."""
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        hidden, presents, layout, hidden_states, attentions = self._run(
+            input_ids, position_ids, attention_mask, past_key_values, use_cache, inputs_embeds,
+            output_hidden_states, output_attentions)
+        logits = F.linear(hidden, self.transformer.word_embeddings.weight)
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        cache = None
+        if presents is not None:
+            blocked, position_ids = layout
+            cache = ChatGLMCache(presents, blocked[:, :, -1:], position_ids[:, :, -1])
+        return ChatGLMOutput(logits=logits, past_key_values=cache, loss=loss, hidden_states=hidden_states,
+                             attentions=attentions)
+
+    def final_hidden_states(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                            attention_mask: torch.Tensor | None = None,
+                            inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The final layer norm's output [b, s, hidden], which the tied output matrix turns into logits; inputs as
+        in ``forward`` (without a cache): what a loss read at a few positions starts from."""
+        return self._run(input_ids, position_ids, attention_mask, None, False, inputs_embeds, False, False)[0]
+
+    def _run(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
+             attention_mask: torch.Tensor | None, past_key_values: ChatGLMCache | None, use_cache: bool,
+             inputs_embeds: torch.Tensor | None, output_hidden_states: bool, output_attentions: bool):
+        """(final hidden states, per-layer (keys, values) or None, (mask, positions), hidden states, attentions)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
             inputs_embeds = self.transformer.word_embeddings(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         use_cache = use_cache and not checkpointing  # training recomputes blocks; there is nothing to decode
         blocked, position_ids = self._layout(input_ids, inputs_embeds, attention_mask, position_ids,
@@ -355,23 +383,9 @@ class ChatGLMForConditionalGeneration(nn.Module):
             attentions.append(probs)
         hidden = self.transformer.final_layernorm(hidden)
         hidden_states.append(hidden)
-        logits = F.linear(hidden, self.transformer.word_embeddings.weight)
-
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        cache = None
-        if use_cache:
-            cache = ChatGLMCache(tuple(presents), blocked[:, :, -1:], position_ids[:, :, -1])
-        return ChatGLMOutput(
-            logits=logits,
-            past_key_values=cache,
-            loss=loss,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-            attentions=tuple(attentions) if output_attentions else None,
-        )
+        return (hidden, tuple(presents) if use_cache else None, (blocked, position_ids),
+                tuple(hidden_states) if output_hidden_states else None,
+                tuple(attentions) if output_attentions else None)
 
     def _layout(self, input_ids: torch.Tensor | None, inputs: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None, past: ChatGLMCache | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from xllm.common.paths import resolve_path, zoo_hint
-from xllm.models.llm.base import LLMBackend
-from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMOutput, build_prompt
+from xllm.models.llm.base import LLMBackend, LLMOutput
+from xllm.models.llm.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, build_prompt
+from xllm.models.llm.label_loss import answer_loss
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, clean_response
 from xllm.models.registry import register_llm
 from xllm.processors.batch import IGNORE_INDEX
@@ -110,10 +111,13 @@ class ChatGLMBackend(LLMBackend):
     # ----------------------------------------------------------------- tensors
 
     def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> ChatGLMOutput:
+                labels: torch.Tensor | None = None) -> LLMOutput:
         # A 2D attention_mask makes the model lay out each row as the original tokenizer pads it.
-        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          labels=labels, use_cache=False)
+        if labels is None:
+            return LLMOutput(logits=self.model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                               attention_mask=attention_mask, use_cache=False).logits)
+        hidden = self.model.final_hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        return answer_loss(hidden, labels, self.model.transformer.word_embeddings.weight)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

@@ -12,15 +12,24 @@ import threading
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from xllm.common.dtypes import torch_dtype
 from xllm.common.paths import resolve_path
-from xllm.models.llm.base import LLMBackend
+from xllm.models.llm.base import LLMBackend, LLMOutput
+from xllm.models.llm.label_loss import answer_loss, loss_from_logits, shifted_targets
 from xllm.models.registry import register_llm
 from xllm.models.sources import model_folder
 from xllm.processors.batch import IGNORE_INDEX
+
+
+# Config keys of transformers' causal LMs whose logits are more than ``lm_head(last_hidden_state)`` (Gemma's
+# softcapping, Cohere's and Granite's scales, Falcon-H1's and MiniCPM's multipliers, ...): such a model's loss
+# goes through its own forward, asked for the logits of the labelled positions only.
+LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                        "lm_head_multiplier", "logits_mup_width_multiplier", "scale_decoder_outputs")
 
 
 class HFChatLayout:
@@ -79,11 +88,31 @@ class HFCausalLM(LLMBackend):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
         return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
 
-    def forward(self, input_ids, inputs_embeds, attention_mask, labels=None):
+    def forward(self, input_ids, inputs_embeds, attention_mask, labels=None) -> LLMOutput:
         # Left padding: positions count real tokens only, so a padded row computes what it would alone.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          position_ids=position_ids, labels=labels, use_cache=False)
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": False}
+        if labels is None:
+            return LLMOutput(logits=self.model(**inputs).logits)
+        head = self.plain_output_layer()
+        if head is not None:
+            hidden = self.model.base_model(**inputs).last_hidden_state
+            return answer_loss(hidden, labels, head.weight, head.bias)
+        rows, columns, targets = shifted_targets(labels)
+        kept = columns.unique()  # a 1-D ``logits_to_keep`` keeps the same positions in every row
+        logits = self.model(**inputs, logits_to_keep=kept).logits
+        return loss_from_logits(logits[rows, torch.searchsorted(kept, columns)], rows, targets, labels.shape[0])
+
+    def plain_output_layer(self) -> nn.Linear | None:
+        """The output layer when the logits are exactly ``lm_head(base_model(...).last_hidden_state)`` and its
+        weight is whole here (not a ZeRO-3 partition, gathered only inside the layer's own call); else None."""
+        head, config = self.model.get_output_embeddings(), self.model.config
+        if type(head) is not nn.Linear or self.model.base_model is self.model or hasattr(head.weight, "ds_id"):
+            return None
+        if any(getattr(config, key, None) is not None for key in LOGIT_TRANSFORM_KEYS):
+            return None
+        return head
 
     @torch.no_grad()
     def generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, **generation_kwargs):

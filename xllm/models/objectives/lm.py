@@ -5,32 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xllm.models.registry import register_objective
 from xllm.models.xllm import ModelOutput
-from xllm.processors.batch import IGNORE_INDEX, Batch
+from xllm.processors.batch import Batch
 
 
 @register_objective("lm")
 class LanguageModelling(nn.Module):
-    """Mean cross-entropy over every answer token of the batch (the answer's end token included)."""
+    """Mean cross-entropy over every answer token of the batch (the answer's end token included), computed by
+    the LLM at the answer's positions only: no logits of the whole batch are formed."""
 
     def forward(self, model, batch: Batch):
         llm = model.require_llm()
         media, idle = model.encode(batch)
         inputs = model.splice(batch, media)
         out = llm(inputs.input_ids, inputs.inputs_embeds, inputs.attention_mask, inputs.labels)
-        labels = inputs.labels[:, 1:]
-        units = int((labels != IGNORE_INDEX).sum())
-        result = ModelOutput(out.loss + idle, units, {"loss": out.loss.item()}, logits=out.logits)
+        result = ModelOutput(out.loss + idle, int(out.row_units.sum()), {"loss": out.loss.item()})
         if batch.tasks and all(task is not None for task in batch.tasks):
             # Per-sample sums for a mixture's per-task losses; the gradient flows through the mean above only.
-            with torch.no_grad():
-                losses = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels,
-                                         ignore_index=IGNORE_INDEX, reduction="none")
-            result.row_loss, result.row_units = losses.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+            result.row_loss, result.row_units = out.row_loss, out.row_units
         return result
 
     @torch.no_grad()
