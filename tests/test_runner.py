@@ -214,7 +214,7 @@ def test_an_unwritable_output_folder_and_a_missing_local_llm_are_named(tmp_path,
     assert ensure_writable(tmp_path / "new" / "run", "run.output_dir").is_dir()
     assert looks_local("./models/llm") and looks_local("/data/llm") and looks_local("zoo:tiny/llm")
     assert not looks_local("HuggingFaceTB/SmolLM2-135M-Instruct")
-    with pytest.raises(FileNotFoundError, match=r"llm.path './no/such/llm': the folder no/such/llm does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"model.llm.path: the folder no/such/llm does not exist"):
         build_model(resolve_model({**micro_model_cfg, "llm": {"backend": "hf_causal", "path": "./no/such/llm"}}))
 
 
