@@ -18,7 +18,6 @@ import time
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from torch.profiler import ProfilerActivity, profile
 from transformers import Blip2VisionConfig, Blip2VisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from xllm.models.adapters import LinearAdapter
@@ -29,6 +28,8 @@ from xllm.models.encoders.vision import VisionEncoder
 from xllm.models.trainable import apply_trainable
 from xllm.models.xllm import XLLM, Modality
 from xllm.plan import SavedBytes
+
+from blip2_pair import step_peak_bytes  # a sibling: the benchmarks' folder is on the path when one runs
 
 BATCH, TEXT_TOKENS, VOCAB = 8, 48, 49_152
 
@@ -71,18 +72,6 @@ def step(model: XLLM, batch) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def activation_peak(model: XLLM, batch) -> int:
-    """Peak bytes allocated during a step above the bytes allocated before it, from the profiler's records."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(model, batch)
-    records = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.cpu_parent is None)
-    running = peak = 0
-    for _, change in records:
-        running += change
-        peak = max(peak, running)
-    return peak
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -101,7 +90,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             saved = SavedBytes(model).measure(lambda: model(batch))
             row = results[name]
-            row.setdefault("peak", []).append(activation_peak(model, batch) / 2 ** 20)
+            row.setdefault("peak", []).append(step_peak_bytes(lambda: step(model, batch)) / 2 ** 20)
             row.setdefault("saved", []).append(saved / 2 ** 20)
             row.setdefault("seconds", []).append(seconds)
     print(f"stage-2 step, small size, batch {BATCH}, {args.rounds} rounds (median, spread)")

@@ -21,6 +21,7 @@ from typing import Any
 from torch.utils.data import Dataset, IterableDataset
 
 from xllm.common.paths import resolve_path
+from xllm.datasets.guard import WrappedDataset
 from xllm.processors.feature_cache import (CachedSplit, FeatureCache, FeatureCacheError, MissingFromCache,
                                            differences, jsonable)
 from xllm.processors.registry import PROCESSORS
@@ -104,18 +105,11 @@ class CachedMedia:
         return sample
 
 
-class CachedDataset(Dataset):
+class CachedDataset(WrappedDataset):
     def __init__(self, dataset: Dataset, media: CachedMedia) -> None:
-        self.dataset, self.media = dataset, media
+        super().__init__(dataset)
+        self.media = media
         self.feature_cache = media.cache
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, attribute: str):  # the wrapped dataset's records, counts, ... stay reachable
-        if attribute == "dataset":
-            raise AttributeError(attribute)
-        return getattr(self.dataset, attribute)
 
     def __getitem__(self, index: int) -> dict:
         error = self.media.cached.unreadable.get(str(index))

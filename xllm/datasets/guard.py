@@ -14,18 +14,27 @@ from torch.utils.data import Dataset
 REPLACEMENT_TRIES = 16  # readable neighbours tried before the run is told the data is broken there
 
 
-class GuardedDataset(Dataset):
-    def __init__(self, dataset: Dataset, name: str, on_bad_sample: str, training: bool) -> None:
-        self.dataset, self.name, self.training = dataset, name, training
-        self.skip = on_bad_sample == "skip"
+class WrappedDataset(Dataset):
+    """A dataset that changes how another's samples are read; the wrapped one's records, counts, ... stay
+    reachable as its own attributes."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getattr__(self, attribute: str):  # the wrapped dataset's records, counts, ... stay reachable
-        if attribute == "dataset":
+    def __getattr__(self, attribute: str):
+        if attribute == "dataset":  # not set yet (unpickling): no endless lookup
             raise AttributeError(attribute)
         return getattr(self.dataset, attribute)
+
+
+class GuardedDataset(WrappedDataset):
+    def __init__(self, dataset: Dataset, name: str, on_bad_sample: str, training: bool) -> None:
+        super().__init__(dataset)
+        self.name, self.training = name, training
+        self.skip = on_bad_sample == "skip"
 
     def __getitem__(self, index: int) -> dict:
         try:
