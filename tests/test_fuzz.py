@@ -17,6 +17,7 @@ from PIL import Image
 
 from xllm.datasets.builders.caption import read_caption_records
 from xllm.processors.audio import AudioProcessor
+from xllm.processors.feature_cache import CachedSplit, EncodedMedium, ShardWriter
 from xllm.processors.image import ImageProcessor
 from xllm.processors.video import VideoProcessor
 from xllm.world.videos import write_mp4
@@ -55,12 +56,22 @@ def good_files(tmp_path_factory) -> dict[str, Path]:
     sf.write(folder / "speech.flac", tone, 16000)
     write_mp4([Image.fromarray(np.roll(pixels, k, axis=1)) for k in range(6)], folder / "clip.mp4", fps=6)
     (folder / "ann.json").write_text(json.dumps([{"image": "image.png", "caption": "a red circle."}] * 3))
+    shard = ShardWriter(folder, "features", max_bytes=1 << 20)
+    features = torch.from_numpy(rng.standard_normal((5, 8)).astype(np.float32))
+    shard.add(EncodedMedium(features, torch.ones(5, dtype=torch.bool)))
+    shard.close()
     return {p.suffix + ("_" + p.stem if p.suffix == ".json" else ""): p for p in folder.iterdir()}
+
+
+def read_cached_row(path: Path) -> EncodedMedium:
+    """Row 0 of a feature-cache shard, read as training reads it (the CRC-32 checked)."""
+    return CachedSplit(path.parent, "fuzz", {"shards": [path.name], "samples": {}, "unreadable": {}}).read(0, 0)
 
 
 def readers(folder: Path):
     image, audio, video = ImageProcessor(16), AudioProcessor(), VideoProcessor(image_size=16, num_frames=4)
     return {
+        "features": (read_cached_row, lambda out: out.features.shape == (5, 8) and out.mask.shape == (5,)),
         "image": (image, lambda out: out.shape == (3, 16, 16)),
         "audio": (audio, lambda out: out.ndim == 2 and out.shape[0] == 80),
         "video": (video, lambda out: out.shape == (4, 3, 16, 16)),
@@ -70,7 +81,7 @@ def readers(folder: Path):
 
 
 KIND_OF = {".png": "image", ".jpg": "image", ".wav": "audio", ".flac": "audio", ".mp4": "video",
-           ".json_ann": "annotations"}
+           ".json_ann": "annotations", ".safetensors": "features"}
 
 
 def test_two_hundred_and_more_broken_files_through_every_reader(good_files, tmp_path):
@@ -106,6 +117,8 @@ def test_two_hundred_and_more_broken_files_through_every_reader(good_files, tmp_
             outcomes["refused"] += 1
             continue
         assert valid(out), f"{kind} {path.name}: read as {getattr(out, 'shape', type(out))}"
+        if isinstance(out, EncodedMedium):
+            out = out.features
         if isinstance(out, torch.Tensor):
             assert torch.isfinite(out).all(), f"{kind} {path.name}: non-finite values read"
         outcomes["read"] += 1
