@@ -104,6 +104,16 @@ def test_frozen_parts_stored_in_bf16_train_in_fp32(micro_model_cfg):
         resolve_model({**micro_model_cfg, "frozen_dtype": "bf16"})
 
 
+def test_a_frozen_interface_in_bf16_feeds_a_trained_adapter_as_stage_3_does(micro_model_cfg):
+    cfg = {**micro_model_cfg, "trainable": ["adapters.image"]}
+    model = build(cfg, frozen_dtype="bfloat16")
+    assert next(model.interfaces.parameters()).dtype == torch.bfloat16
+    loss, grads = step(model, batch_of(model))
+    reference_loss, _ = step(build(cfg), batch_of(model))
+    assert set(grads) and all(name.startswith("adapters.image") for name in grads)
+    assert abs(float(loss) - float(reference_loss)) <= 2e-2 * float(reference_loss)
+
+
 def test_bf16_autocast_trains_close_to_fp32(micro_model_cfg):
     model = build(micro_model_cfg)
     batch = batch_of(model)

@@ -73,7 +73,8 @@ class Modality(nn.Module):
     def forward(self, inputs: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """One [length, llm_width] tensor per medium (lengths may differ, e.g. speech)."""
         out, out_mask = self.interface(*self.features(inputs))
-        embeddings = self.adapter(out)
+        # A frozen interface (stage 3 trains the adapters alone) may be stored in bf16 beside an fp32 adapter.
+        embeddings = self.adapter(_cast(out, dtype_of(self.adapter)))
         return [embeddings[i][out_mask[i]] for i in range(embeddings.shape[0])]
 
 
