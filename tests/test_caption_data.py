@@ -83,7 +83,8 @@ def test_webdataset_builder_reads_the_same_world(micro_world):
     assert torch.allclose(from_shards[0]["image"], coco[0]["image"])
 
 
-@pytest.mark.parametrize("name", ["coco_caption", "webdataset_caption", "video_caption", "world_qa"])
+@pytest.mark.parametrize("name", ["coco_caption", "webdataset_caption", "video_caption", "world_qa",
+                                  "llava_conversation"])
 def test_an_unknown_on_bad_sample_is_refused_when_the_config_loads(name):
     assert "on_bad_sample" in {f.name for f in dataclasses.fields(BUILDERS.get(name).Config)}
     with pytest.raises(ConfigError, match="datasets.d.on_bad_sample' must be one of 'error', 'skip', got 'skipp'"):

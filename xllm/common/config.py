@@ -46,7 +46,7 @@ def path_field(kind: str = "any", made_by: str | None = None, **options: Any) ->
 
 def config_paths(schema: type, data: Any, path: str):
     """(key, value, kind) of every path field ``data`` sets, nested dataclasses included; list values give one
-    entry per item."""
+    entry per item, mapping values (a file per split) one per key."""
     if not isinstance(data, (dict, DictConfig)):
         return
     for spec in dataclasses.fields(schema):
@@ -54,11 +54,14 @@ def config_paths(schema: type, data: Any, path: str):
         value = data.get(spec.name)
         if kind is None or not value or (made_by and data.get(made_by)):
             continue
-        values = as_list(value)
-        for index, item in enumerate(values):
+        if isinstance(value, (dict, DictConfig)):
+            items = [(f".{name}", item) for name, item in value.items()]
+        else:
+            values = as_list(value)
+            items = [(f"[{index}]" if len(values) > 1 else "", item) for index, item in enumerate(values)]
+        for suffix, item in items:
             if isinstance(item, (str, Path)) and str(item):
-                key = f"{path}.{spec.name}" + (f"[{index}]" if len(values) > 1 else "")
-                yield key, str(item), kind
+                yield f"{path}.{spec.name}{suffix}", str(item), kind
     for nested, value, nested_path in _nested_schemas(schema, data, path):
         yield from config_paths(nested, value, nested_path)
 

@@ -203,8 +203,11 @@ class XLLM(nn.Module):
         limit = self.llm.max_prompt_length
         if limit is None:
             return widths
-        prompt = widths * (labels == IGNORE_INDEX)
-        lengths = prompt.sum(1)
+        # The prompt is all before the final answer: up to a row's last unlabelled position (a whole generation
+        # row), so a conversation's earlier answers, labelled too, count as the prompt they are.
+        unlabelled = labels == IGNORE_INDEX
+        last = labels.shape[1] - 1 - unlabelled.flip(1).int().argmax(1)
+        lengths = (widths * (torch.arange(labels.shape[1], device=labels.device) <= last[:, None])).sum(1)
         for row in (lengths > limit).nonzero().flatten().tolist():
             length = int(lengths[row])
             if self.llm.overflow != "truncate":

@@ -1,4 +1,6 @@
-"""The ``Batch``: what the data pipeline hands the model, every field a tensor or a list with one entry per sample.
+"""The ``Batch``: what the data pipeline hands the model, every field a tensor or a list with one entry per row.
+
+A row is a sample, or one round of a conversation that an LLM learns round by round (``xllm.processors.collator``).
 
 Text is laid out and tokenised in the DataLoader workers (``xllm.processors.collator``); each medium holds one
 placeholder position in ``input_ids`` (``media_slots`` says which modality sits there), and the model widens it

@@ -1,12 +1,17 @@
 """Samples -> ``Batch``: the prompt layout and tokenisation, done in the DataLoader workers.
 
 A sample is a dict of text fields (``id``, ``prompt``, ``answer``, ``history`` of earlier (query, answer)
-rounds, ``task``, ``lang``) and media fields named by modality (``image``, ``video``, ``speech``, ...), each a
-tensor, a list of tensors (several media in one prompt) or None. A prompt places a medium with a span such as
-``<Image><ImageHere></Image>``; the LLM's ``TextLayout`` formats the conversation (its chat template, or
-ChatGLM's ``问：…\\n答：``) and lays out prompt + answer with labels on the answer; each ``<ImageHere>`` becomes one
-``MEDIA_SLOT`` placeholder that the model widens to the medium's embeddings. The text around a marker is
-tokenised apart from it, so a medium never merges with the characters next to it.
+rounds, ``train_history``, ``task``, ``lang``) and media fields named by modality (``image``, ``video``,
+``speech``, ...), each a tensor, a list of tensors (several media in one prompt) or None. A prompt places a medium
+with a span such as ``<Image><ImageHere></Image>``; the LLM's ``TextLayout`` formats the conversation (its chat
+template, or ChatGLM's ``问：…\\n答：``) and lays out prompt + answer with labels on the answer; each
+``<ImageHere>`` becomes one ``MEDIA_SLOT`` placeholder that the model widens to the medium's embeddings. The text
+around a marker is tokenised apart from it, so a medium never merges with the characters next to it.
+
+A training sample with ``train_history`` true learns the answers of its history too (a LLaVA conversation):
+the layout's ``conversation`` gives its rows, one for a causal LM (every answer and its end token labelled,
+the template's glue between them not), or one per round for ChatGLM's prefix LM. Such a sample may thus fill
+several rows of a batch, each with the media its text places; ``llm.max_answer_length`` bounds each answer.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +32,7 @@ from xllm.processors.feature_cache import EncodedMedium
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELDS = ("id", "prompt", "answer", "history", "task", "lang")
+TEXT_FIELDS = ("id", "prompt", "answer", "history", "train_history", "task", "lang")
 TAGS = {"image": "Image", "video": "Video", "speech": "Speech", "audio": "Audio"}
 
 
@@ -61,6 +66,12 @@ class TextLayout(Protocol):
     def build_sequence(self, prompt_ids: list[int], answer: str | None) -> tuple[list[int], list[int]]:
         """Ids and labels of prompt + answer + its end token (``answer=None``: a generation prompt). ``MEDIA_SLOT``
         entries of ``prompt_ids`` come back in order; labels are ``IGNORE_INDEX`` but on the answer and end."""
+
+    def conversation(self, rounds: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """The rows that learn every answer of ``rounds``, each a list of (text before the answer, answer)
+        pieces, laid out one after another by ``build_sequence``. Each row reads the conversation from its start,
+        so its media markers are the conversation's first ones. A layout whose rounds cannot be cut into such
+        pieces (a chat template that does not extend one round's text by the next) raises ``ValueError``."""
 
 
 @dataclass
@@ -151,6 +162,11 @@ class Collator:
                 raise ValueError(f"sample {sample.get('id', index)!r} holds {unknown}, which is neither a text field "
                                  f"({', '.join(TEXT_FIELDS)}) nor a modality of the model ({', '.join(self.modalities)})")
         ids = [str(s.get("id", i)) for i, s in enumerate(samples)]
+        rows = None
+        if self.layout is not None:
+            # The batch follows the rows: a conversation learned round by round fills several.
+            rows = [row for sample, sample_id in zip(samples, ids) for row in self._rows(sample, sample_id)]
+            samples, ids = [sample for sample, _ in rows], [sample["id"] for sample, _ in rows]
         answers = [s.get("answer") for s in samples]
         batch = Batch(ids=ids, answers=answers, langs=[s.get("lang") for s in samples],
                       tasks=[s.get("task") for s in samples], modalities=self.modalities, bad=bad)
@@ -158,8 +174,8 @@ class Collator:
             items = [item for s in samples for item in media_list(s.get(modality))]
             if items:
                 batch.media[modality] = collate_media(items)
-        if self.layout is not None:
-            self._lay_out(batch, samples)
+        if rows is not None:
+            self._lay_out(batch, [pieces for _, pieces in rows])
         # Prompts alone (generation) need no captions; a stage-1 batch needs every sample's.
         if self.captions is not None and any(a is not None for a in answers):
             if any(not isinstance(a, str) for a in answers):
@@ -178,7 +194,7 @@ class Collator:
                    for i, (p, h, a) in enumerate(zip(prompts, histories, answers))]
         for modality in self.modalities:
             given = unbatched(inputs.get(modality))
-            counts = [self._marker_counts(s)[modality] for s in samples]
+            counts = [self._marker_counts(self._texts(s))[modality] for s in samples]
             if sum(counts) != len(given):
                 raise ValueError(f"the prompts hold {sum(counts)} {marker(modality)} markers but {len(given)} "
                                  f"{modality} inputs were given")
@@ -193,20 +209,43 @@ class Collator:
     def _texts(self, sample: dict) -> list[str]:
         return [query for query, _ in sample.get("history") or []] + [sample.get("prompt") or ""]
 
-    def _marker_counts(self, sample: dict) -> Counter:
+    def _marker_counts(self, texts: Iterable[str]) -> Counter:
         if self._marker_pattern is None:
             return Counter()
-        return Counter(self._markers[m] for text in self._texts(sample) for m in self._marker_pattern.findall(text))
+        return Counter(self._markers[m] for text in texts for m in self._marker_pattern.findall(text))
 
-    def _prompt_ids(self, sample: dict, sample_id: str) -> tuple[list[int], list[int]]:
-        """The prompt's ids with one ``MEDIA_SLOT`` per marker, and each marker's modality index."""
-        counts = self._marker_counts(sample)
+    def _rows(self, sample: dict, sample_id: str) -> list[tuple[dict, list[tuple[str, str | None]]]]:
+        """The sample's rows: (the sample with the row's id, answer and media; the row's (prompt text, answer)
+        pieces). Generation asks for the last answer; training learns it, or with ``train_history`` every answer,
+        in the rows the layout lays the conversation out in."""
+        counts = self._marker_counts(self._texts(sample))
         for modality in self.modalities:
             given = len(media_list(sample.get(modality)))
             if counts[modality] != given:
                 raise ValueError(f"sample {sample_id!r}: its prompt holds {counts[modality]} {marker(modality)} "
                                  f"markers but the sample has {given} {modality} input(s)")
-        text = self.layout.format_prompt(sample.get("prompt") or "", sample.get("history"))
+        prompt, history, answer = sample.get("prompt") or "", list(sample.get("history") or []), sample.get("answer")
+        sample = {**sample, "id": sample_id}
+        if not self.with_answers:
+            return [(sample, [(self.layout.format_prompt(prompt, history), None)])]
+        if not isinstance(answer, str):
+            raise ValueError(f"sample {sample_id!r} has no answer to train on")
+        if not (sample.get("train_history") and history):
+            return [(sample, [(self.layout.format_prompt(prompt, history), answer)])]
+        try:
+            conversation = self.layout.conversation(history + [(prompt, answer)])
+        except ValueError as error:
+            raise ValueError(f"sample {sample_id!r}: {error}") from None
+        rows = []
+        for pieces in conversation:
+            # A row reads the conversation from its start, so its media are the sample's first ones.
+            placed = self._marker_counts(text for text, _ in pieces)
+            media = {m: media_list(sample.get(m))[:placed[m]] for m in self.modalities}
+            rows.append(({**sample, **media, "answer": pieces[-1][1]}, pieces))
+        return rows
+
+    def _text_ids(self, text: str) -> tuple[list[int], list[int]]:
+        """The ids of a prompt text with one ``MEDIA_SLOT`` per marker, and each marker's modality index."""
         pieces = self._marker_pattern.split(text) if self._marker_pattern else [text]
         ids: list[int] = []
         kinds: list[int] = []
@@ -218,18 +257,20 @@ class Collator:
                 ids += self.layout.tokenize(piece)
         return ids, kinds
 
-    def _lay_out(self, batch: Batch, samples: list[dict]) -> None:
-        rows, kinds = [], []
-        for sample, sample_id, answer in zip(samples, batch.ids, batch.answers):
-            if self.with_answers and not isinstance(answer, str):
-                raise ValueError(f"sample {sample_id!r} has no answer to train on")
-            prompt, slot_kinds = self._prompt_ids(sample, sample_id)
-            ids, labels = self.layout.build_sequence(prompt, answer if self.with_answers else None)
-            ids, labels = self._within_budget(ids, labels, sample_id)
-            self._check_known_tokens(labels, answer, sample_id)
-            rows.append((ids, labels))
-            kinds += slot_kinds
-        padded = left_padded(rows, self.layout.pad_token_id)
+    def _lay_out(self, batch: Batch, rows: list[list[tuple[str, str | None]]]) -> None:
+        laid_out, kinds = [], []
+        for pieces, sample_id in zip(rows, batch.ids):
+            ids, labels = [], []
+            for text, answer in pieces:
+                prompt, slot_kinds = self._text_ids(text)
+                piece_ids, piece_labels = self.layout.build_sequence(prompt, answer)
+                piece_ids, piece_labels = self._within_budget(piece_ids, piece_labels, sample_id)
+                self._check_known_tokens(piece_labels, answer, sample_id)
+                ids += piece_ids
+                labels += piece_labels
+                kinds += slot_kinds
+            laid_out.append((ids, labels))
+        padded = left_padded(laid_out, self.layout.pad_token_id)
         input_ids, batch.attention_mask, batch.labels = padded["input_ids"], padded["attention_mask"], padded["labels"]
         slots = input_ids == MEDIA_SLOT
         batch.media_slots = torch.full_like(input_ids, NO_MEDIUM)
@@ -238,7 +279,8 @@ class Collator:
         batch.input_ids = input_ids
 
     def _within_budget(self, ids: list[int], labels: list[int], sample_id: str) -> tuple[list[int], list[int]]:
-        """An answer longer than ``max_answer_length`` tokens keeps its first ones and its end token."""
+        """An answer longer than ``max_answer_length`` tokens keeps its first ones and its end token (each answer
+        of a conversation on its own: ``ids`` and ``labels`` are one ``build_sequence``'s)."""
         answer = sum(label != IGNORE_INDEX for label in labels)
         budget = self.max_answer_length
         if budget is None or answer <= budget:

@@ -1,5 +1,5 @@
 """One builder per data format: caption JSON and webdataset shards, ASR corpora, speech instructions, mASR,
-video captions, signals, the world's questions and dialogues, and LLaVA-Bench's questions."""
+video captions, signals, the world's questions and dialogues, LLaVA's conversations and LLaVA-Bench's questions."""
 
-from xllm.datasets.builders import (asr, caption, llava_bench, masr, signal, speech_instruction,  # noqa: F401
-                                    video, world_qa)
+from xllm.datasets.builders import (asr, caption, llava, llava_bench, masr, signal,  # noqa: F401
+                                    speech_instruction, video, world_qa)

@@ -3,7 +3,8 @@
 Layout of one training row: the prompt ``问：{query}\\n答：`` (after earlier rounds,
 ``[Round i]\\n问：…\\n答：…\\n`` for each and then ``[Round n]\\n问：{query}\\n答：``), ``[gMASK] <sop>``, the
 answer and ``<eop>``. Everything up to ``[gMASK]`` is the bidirectional context of GLM's prefix LM; ``<sop>``
-starts the causal part. Labels cover the answer and ``<eop>`` only.
+starts the causal part. Labels cover the answer and ``<eop>`` only, so a conversation whose every answer is
+learned takes one row per round.
 
 Batches arrive left-padded with a 0/1 padding mask; the prefix-LM mask and 2D positions are built per row
 from the ids and that mask exactly as the original tokenizer pads, so a padded row computes what it would
@@ -41,6 +42,12 @@ class ChatGLMLayout:
         if not history:
             return f"问：{query}\n答："
         return build_prompt(query, history)
+
+    def conversation(self, rounds: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """One row per round, after the rounds before it, as ChatGLM-6B's multi-turn fine-tuning lays out a
+        conversation: everything before [gMASK] <sop> is GLM's bidirectional context, so an earlier answer
+        labelled there would see the very tokens it is asked to predict."""
+        return [[(self.format_prompt(query, rounds[:index]), answer)] for index, (query, answer) in enumerate(rounds)]
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.tokenize(text)

@@ -2,7 +2,8 @@
 
 The prompt is the tokenizer's chat template (or ``prompt_template`` for a base model without one), so media
 markers sit inside the user's turn exactly as the model's own chat format expects; the answer ends with the
-tokenizer's end-of-sequence token, which is what such templates close an assistant turn with.
+tokenizer's end-of-sequence token, which is what such templates close an assistant turn with. A conversation
+whose every answer is learned is cut from the template's own renderings of its rounds (``conversation``).
 """
 
 from __future__ import annotations
@@ -46,13 +47,50 @@ class HFChatLayout:
 
     def format_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
         if self.tokenizer.chat_template is None:
-            rounds = "".join(self.prompt_template.format(query=q) + a + "\n" for q, a in history or [])
-            return rounds + self.prompt_template.format(query=query)
+            return self.rendered(history or []) + self.prompt_template.format(query=query)
+        return self.tokenizer.apply_chat_template(self._messages(history or [], query), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def rendered(self, rounds: list[tuple[str, str]]) -> str:
+        """The text of finished rounds, each answer closed as the template closes it. Without a chat template a
+        round is ``prompt_template`` + answer + eos + newline: the eos the model learns to end an answer with is
+        in the text where a later round reads that answer."""
+        if self.tokenizer.chat_template is None:
+            eos = self.tokenizer.eos_token
+            return "".join(self.prompt_template.format(query=q) + a + eos + "\n" for q, a in rounds)
+        if not rounds:
+            return ""
+        return self.tokenizer.apply_chat_template(self._messages(rounds), tokenize=False)
+
+    def conversation(self, rounds: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """One row: each round's prompt text past the previous answer's eos, and its answer. Their concatenation,
+        with the eos ``build_sequence`` writes after each answer, is ``rendered(rounds)`` up to the last eos, and
+        up to each answer it is ``format_prompt`` of that round, what generation reads there."""
+        eos = self.tokenizer.eos_token
+        pieces, said = [], ""
+        for index, (query, answer) in enumerate(rounds):
+            prompt = self.format_prompt(query, rounds[:index])
+            if not prompt.startswith(said):
+                raise ValueError(f"the chat template does not render prefix-consistently: round {index}'s prompt "
+                                 f"{prompt[-200:]!r} does not continue the rounds before it, which end "
+                                 f"{said[-200:]!r}; the earlier answers cannot be labelled in one row")
+            closed = self.rendered(rounds[: index + 1])
+            if not closed.startswith(prompt + answer + eos):
+                raise ValueError(f"the chat template does not write round {index}'s answer verbatim after its "
+                                 f"generation prompt and close it with the eos token {eos!r}: it renders "
+                                 f"{closed[max(0, len(prompt) - 50):][:250]!r}; the answer's labels would not be what "
+                                 "the template shows a later round")
+            pieces.append((prompt[len(said):], answer))
+            said = prompt + answer + eos
+        return [pieces]
+
+    def _messages(self, rounds: list[tuple[str, str]], query: str | None = None) -> list[dict[str, str]]:
         messages = []
-        for past_query, past_answer in history or []:
+        for past_query, past_answer in rounds:
             messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_answer}]
-        messages.append({"role": "user", "content": query})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if query is not None:
+            messages.append({"role": "user", "content": query})
+        return messages
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
