@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.profiler import ProfilerActivity, profile
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
-                          LlamaConfig, PreTrainedTokenizerFast)
+                          LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from xllm.models.builder import build_model
 from xllm.models.config import resolve_model
@@ -99,19 +99,26 @@ def freeze_as_stage2(model: Blip2ForConditionalGeneration) -> Blip2ForConditiona
     return model
 
 
-def save_folders(hf: Blip2ForConditionalGeneration, size: Size, root: Path) -> tuple[Path, Path]:
-    """(BLIP-2 checkpoint folder, LLM folder with its tokenizer) under ``root``."""
+def save_folders(hf: Blip2ForConditionalGeneration, size: Size, root: Path,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[Path, Path]:
+    """(BLIP-2 checkpoint folder, LLM folder with its tokenizer) under ``root``. The tokenizer is the numbered
+    words' unless one is given (one that spells real text: the LLM's ids beyond its vocabulary are never used)."""
     blip2, llm = root / "blip2", root / "llm"
     hf.save_pretrained(blip2)
     hf.language_model.save_pretrained(llm)
-    word_tokenizer(size.vocab).save_pretrained(llm)
+    (tokenizer or word_tokenizer(size.vocab)).save_pretrained(llm)
     return blip2, llm
 
 
 def xllm_model(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = None) -> XLLM:
     """xllm's stage-2 image model from a model config: its parts sized as ``size``, weights from the folders."""
+    return build_model(resolve_model(OmegaConf.create(xllm_config(size, blip2, llm, frozen_dtype))))
+
+
+def xllm_config(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = None) -> dict:
+    """The model config of ``xllm_model``."""
     heads = size.heads
-    cfg = {
+    return {
         "arch": "xllm", "model_type": "tiny",
         "llm": {"backend": "hf_causal", "path": str(llm)},
         "modalities": {"image": {
@@ -130,7 +137,6 @@ def xllm_model(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = No
         "trainable": ["interfaces.image", "adapters.image"],
         "frozen_dtype": frozen_dtype,
     }
-    return build_model(resolve_model(OmegaConf.create(cfg)))
 
 
 def images(size: Size, batch: int, seed: int = 1) -> torch.Tensor:
@@ -147,6 +153,12 @@ def xllm_batch(model: XLLM, size: Size, pixels: torch.Tensor) -> Batch:
     samples = [{"id": str(i), "image": pixels[i], "prompt": prompt(size), "answer": words}
                for i in range(len(pixels))]
     return model.collator()(samples)
+
+
+def xllm_prompts(model: XLLM, size: Size, pixels: torch.Tensor) -> Batch:
+    """A generation batch: each image after the same prompt, without an answer (as evaluation collates)."""
+    samples = [{"id": str(i), "image": pixels[i], "prompt": prompt(size)} for i in range(len(pixels))]
+    return model.collator(with_answers=False)(samples)
 
 
 @torch.no_grad()
