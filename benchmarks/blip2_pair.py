@@ -1,8 +1,9 @@
 """One BLIP-2 twice: transformers' ``Blip2ForConditionalGeneration`` and xllm's model holding the same weights.
 
-The benchmarks that compare the two (``blip2_step.py``, ``blip2_generate.py``) build them here: a randomly
-initialised transformers BLIP-2 with a Llama text model is saved as a checkpoint folder, its language model (and a
-word-level tokenizer) as an LLM folder, and xllm's model is built from an xllm model config naming both
+The benchmarks that compare the two (``blip2_step.py``, ``blip2_generate.py``), and ``feature_cache.py``, which
+trains xllm's at these sizes, build them here: a randomly initialised transformers BLIP-2 with a Llama text model is
+saved as a checkpoint folder, its language model (and a word-level tokenizer, or one given that spells real text)
+as an LLM folder, and xllm's model is built from an xllm model config naming both
 (``model.pretrained`` converts the BLIP-2 folder with ``xllm.models.converters.blip2``; ``llm.path`` loads the
 Llama). Vision encoder and LLM are frozen, the Q-Former, its queries and the projection train, in both.
 
@@ -112,13 +113,8 @@ def save_folders(hf: Blip2ForConditionalGeneration, size: Size, root: Path,
 
 def xllm_model(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = None) -> XLLM:
     """xllm's stage-2 image model from a model config: its parts sized as ``size``, weights from the folders."""
-    return build_model(resolve_model(OmegaConf.create(xllm_config(size, blip2, llm, frozen_dtype))))
-
-
-def xllm_config(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = None) -> dict:
-    """The model config of ``xllm_model``."""
     heads = size.heads
-    return {
+    cfg = {
         "arch": "xllm", "model_type": "tiny",
         "llm": {"backend": "hf_causal", "path": str(llm)},
         "modalities": {"image": {
@@ -137,6 +133,7 @@ def xllm_config(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = N
         "trainable": ["interfaces.image", "adapters.image"],
         "frozen_dtype": frozen_dtype,
     }
+    return build_model(resolve_model(OmegaConf.create(cfg)))
 
 
 def images(size: Size, batch: int, seed: int = 1) -> torch.Tensor:
