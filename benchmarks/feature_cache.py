@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
 from blip2_pair import SIZES, Size, hf_blip2, save_folders, xllm_model
 from blip2_step import Trainer
@@ -63,7 +65,7 @@ def stage1_model(stage2: XLLM, text_tokenizer: Path) -> XLLM:
     return model
 
 
-def world_run(size: Size, samples: int, batch: int, workers: int, storage: Path) -> OmegaConf:
+def world_run(size: Size, samples: int, batch: int, workers: int, storage: Path) -> DictConfig:
     """A run config with the world-image dataset (what ``write_feature_cache`` reads: datasets and run)."""
     world = {"seed": 0, "num_train": samples, "num_val": 1, "num_test": 1, "image_size": size.image_size}
     datasets = {NAME: {"builder": "coco_caption", "storage": str(storage), "world": world,
@@ -119,7 +121,8 @@ def main() -> None:
               f"{spread(speed_ratios(cached_s, raw_s)):>20}")
 
 
-def run_settings(stage1: XLLM, stage2: XLLM, cfg, datasets: dict, steps: int) -> tuple[dict, int]:
+def run_settings(stage1: XLLM, stage2: XLLM, cfg: DictConfig, datasets: dict[str, Dataset],
+                 steps: int) -> tuple[dict[str, Callable[[], object]], int]:
     """The timed work per setting, each warmed up by one step, and the samples of a stage-1 epoch. Stage 2's loss
     is first checked equal on the raw and the cached batch."""
     run = cfg.run

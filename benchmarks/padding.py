@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
+from torch.utils.data import Dataset
+
 from xllm.config import load_config
 from xllm.datasets.build import build_split
 from xllm.datasets.lengths import record_lengths, record_modalities
@@ -30,7 +32,7 @@ from xllm.datasets.loader import training_loader
 from xllm.datasets.mixture import training_set
 
 
-def epoch_batches(dataset, batch_size: int, seed: int, grouped: bool, epochs: int) -> list[list[int]]:
+def epoch_batches(dataset: Dataset, batch_size: int, seed: int, grouped: bool, epochs: int) -> list[list[int]]:
     """The index batches the training loader deals over ``epochs`` epochs."""
     loader = training_loader(dataset, list, batch_size, seed, group_by_length=grouped)  # no sample is collated
     batches = []
