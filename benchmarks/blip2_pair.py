@@ -1,8 +1,9 @@
 """One BLIP-2 twice: transformers' ``Blip2ForConditionalGeneration`` and xllm's model holding the same weights.
 
-The benchmarks that compare the two (``blip2_step.py``, ``blip2_generate.py``) build them here: a randomly
-initialised transformers BLIP-2 with a Llama text model is saved as a checkpoint folder, its language model (and a
-word-level tokenizer) as an LLM folder, and xllm's model is built from an xllm model config naming both
+The benchmarks that compare the two (``blip2_step.py``, ``blip2_generate.py``), and ``feature_cache.py``, which
+trains xllm's at these sizes, build them here: a randomly initialised transformers BLIP-2 with a Llama text model is
+saved as a checkpoint folder, its language model (and a word-level tokenizer, or one given that spells real text)
+as an LLM folder, and xllm's model is built from an xllm model config naming both
 (``model.pretrained`` converts the BLIP-2 folder with ``xllm.models.converters.blip2``; ``llm.path`` loads the
 Llama). Vision encoder and LLM are frozen, the Q-Former, its queries and the projection train, in both.
 
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.profiler import ProfilerActivity, profile
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
-                          LlamaConfig, PreTrainedTokenizerFast)
+                          LlamaConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast)
 
 from xllm.models.builder import build_model
 from xllm.models.config import resolve_model
@@ -99,12 +100,14 @@ def freeze_as_stage2(model: Blip2ForConditionalGeneration) -> Blip2ForConditiona
     return model
 
 
-def save_folders(hf: Blip2ForConditionalGeneration, size: Size, root: Path) -> tuple[Path, Path]:
-    """(BLIP-2 checkpoint folder, LLM folder with its tokenizer) under ``root``."""
+def save_folders(hf: Blip2ForConditionalGeneration, size: Size, root: Path,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[Path, Path]:
+    """(BLIP-2 checkpoint folder, LLM folder with its tokenizer) under ``root``. The tokenizer is the numbered
+    words' unless one is given (one that spells real text: the LLM's ids beyond its vocabulary are never used)."""
     blip2, llm = root / "blip2", root / "llm"
     hf.save_pretrained(blip2)
     hf.language_model.save_pretrained(llm)
-    word_tokenizer(size.vocab).save_pretrained(llm)
+    (tokenizer or word_tokenizer(size.vocab)).save_pretrained(llm)
     return blip2, llm
 
 
@@ -147,6 +150,12 @@ def xllm_batch(model: XLLM, size: Size, pixels: torch.Tensor) -> Batch:
     samples = [{"id": str(i), "image": pixels[i], "prompt": prompt(size), "answer": words}
                for i in range(len(pixels))]
     return model.collator()(samples)
+
+
+def xllm_prompts(model: XLLM, size: Size, pixels: torch.Tensor) -> Batch:
+    """A generation batch: each image after the same prompt, without an answer (as evaluation collates)."""
+    samples = [{"id": str(i), "image": pixels[i], "prompt": prompt(size)} for i in range(len(pixels))]
+    return model.collator(with_answers=False)(samples)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blip2_pair import (SIZES, freeze_as_stage2, hf_blip2, hf_inputs, images, parameter_bytes, save_folders,
                         step_peak_bytes, xllm_batch, xllm_model)
+from rounds import speed_ratios, spread, timed
 
 MATMUL_SIDE = 2048
 
@@ -43,22 +43,17 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * MATMUL_SIDE ** 3 / best
 
 
-def timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
-
-
 class Trainer:
-    """One model's training step on one fixed batch: forward under the setting's autocast, backward, AdamW."""
+    """One model's training step: forward under the setting's autocast, backward, AdamW. ``loss`` computes the
+    forward pass's loss from the step's arguments (none for a fixed batch, the batch for a stream of them)."""
 
-    def __init__(self, model: torch.nn.Module, loss: Callable[[], torch.Tensor], bf16: bool) -> None:
+    def __init__(self, model: torch.nn.Module, loss: Callable[..., torch.Tensor], bf16: bool = False) -> None:
         self.model, self.loss, self.bf16 = model, loss, bf16
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    def __call__(self) -> None:
+    def __call__(self, *inputs: object) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext():
-            loss = self.loss()
+            loss = self.loss(*inputs)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -105,10 +100,6 @@ def build_trainers(size_name: str, batch_size: int, root: Path) -> dict[str, dic
     }
 
 
-def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -144,7 +135,7 @@ def main() -> None:
               f"{'step peak MiB':>15}{'GFLOP/step':>12}{'GFLOP/s':>9}{'of peak':>9}")
     print(header)
     for name in trainers:
-        ratios = [h / x for x, h in zip(seconds[name]["xllm"], seconds[name]["hf"])]
+        ratios = speed_ratios(seconds[name]["xllm"], seconds[name]["hf"])
         peak = peaks["fp32" if name == "fp32" else "bf16"]
         for side in ("xllm", "hf"):
             rates = [args.batch / s for s in seconds[name][side]]
