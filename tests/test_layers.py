@@ -30,6 +30,7 @@ ALLOWED = {
     "serve": {"demo"},
     "infer": {"common", "processors", "models", "demo"},
     "plot": {"common", "world", "eval"},
+    "export": {"common", "models"},
 }
 # Entry points inside a package that build a model from a run config, as evaluate.py does, and so may import any
 # layer; only their own package's command line imports them.

@@ -22,7 +22,7 @@ from xllm.common.paths import check_readable, find_config
 from xllm.datasets.config import resolve_datasets
 from xllm.datasets.registry import BUILDERS
 from xllm.eval.metrics import METRICS
-from xllm.models.config import PARTS, ModelConfig, resolve_model
+from xllm.models.config import ModelConfig, component_blocks, resolve_model
 from xllm.tasks.registry import TASKS
 
 SECTIONS = ("model", "datasets", "run")
@@ -102,10 +102,8 @@ def check_paths(cfg: DictConfig) -> None:
     """Every file and folder the config names exists and can be read, before any work starts: an error names the
     config key. Paths inside a dataset's folder (annotations, shards) are its builder's to check."""
     found = list(config_paths(RunConfig, cfg.run, "run")) + list(config_paths(ModelConfig, cfg.model, "model"))
-    for name, modality in cfg.model.modalities.items():
-        for part, registry in PARTS.items():
-            block = modality[part]
-            found += config_paths(registry.get(block.name).Config, block, f"model.modalities.{name}.{part}")
+    for schema, block, where in component_blocks(cfg.model):
+        found += config_paths(schema, block, where)
     for name, entry in cfg.datasets.items():
         found += config_paths(BUILDERS.get(entry.builder).Config, entry, f"datasets.{name}")
     for key, value, kind in found:

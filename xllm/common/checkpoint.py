@@ -12,6 +12,7 @@ staging folder and published by an atomic rename.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,13 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+# Marks a part's folder that holds its config and tokenizer but not its weights: a shared model folder bundles its
+# frozen parts so (``xllm.models.share``, ``include_frozen``) and fills them from its own weights file, so the
+# loaders build such a part from its config alone.
+WEIGHTS_ELSEWHERE = "xllm_weights_elsewhere.json"
 # A folder's weights, in order of preference: a shard index, else the single file it would index.
 WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
                   ("pytorch_model.bin.index.json", "pytorch_model.bin"))
@@ -91,9 +96,12 @@ def read_weights(path: str | Path, skip: Callable[[str], bool] | None = None) ->
             raise FileNotFoundError(f"{path} holds no weights (looked for {names})")
     for file in files:
         if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as opened:
-                keys = list(opened.keys())
-                read = {k: opened.get_tensor(k) for k in keys if skip is None or not skip(k)}
+            try:
+                with safe_open(str(file), framework="pt") as opened:
+                    keys = list(opened.keys())
+                    read = {k: opened.get_tensor(k) for k in keys if skip is None or not skip(k)}
+            except SafetensorError as error:  # its own message names no file
+                raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
         else:
             read = read_pickled_tensors(file)
             keys = list(read)
@@ -105,6 +113,26 @@ def read_weights(path: str | Path, skip: Callable[[str], bool] | None = None) ->
             else:
                 weights.tensors[key], weights.origin[key] = read[key], file.name
     return weights
+
+
+def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tensor under its first name only: safetensors refuses a tensor stored twice, and a state
+    dict names tied weights (an LLM's output layer and embeddings) and modules one part shares with another (the
+    video modality's image encoder) once per owner. State dicts list a module's owner first."""
+    seen, unique = set(), {}
+    for name, tensor in state.items():
+        place = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
+                 tensor.stride(), tensor.dtype)
+        if tensor.numel() and place in seen:
+            continue
+        seen.add(place)
+        unique[name] = tensor
+    return unique
+
+
+def weights_elsewhere(folder: str | Path) -> bool:
+    """Whether ``folder`` is a part whose weights another file holds (see ``WEIGHTS_ELSEWHERE``)."""
+    return (Path(folder) / WEIGHTS_ELSEWHERE).is_file()
 
 
 def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
@@ -177,6 +205,14 @@ def load_weights(model: nn.Module, path: str | Path, optional: Callable[[str], b
             del state[key]
     load_state(model, state, f"checkpoint {file}", missing_ok=True)
     return sorted(state)
+
+
+def library_version() -> str:
+    """The installed xllm's version, which checkpoint manifests and shared model folders record."""
+    try:
+        return importlib.metadata.version("xllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def staging_folder(folder: Path) -> Path:

@@ -1,9 +1,9 @@
 """A multi-turn chat with a trained model: media attached along the way, answers streamed token by token.
 
 ``load_run(RUN)`` rebuilds the model a run trained (its saved ``config.yaml``, its latest checkpoint, LoRA merged
-into the LLM) with the processors its config names; ``ChatSession`` keeps the conversation (earlier rounds and
-every medium attached so far, in prompt order), so each reply sees the whole dialogue, as the collator lays out
-multi-turn samples.
+into the LLM), or loads a shared model folder, with the processors its config names; ``ChatSession`` keeps the
+conversation (earlier rounds and every medium attached so far, in prompt order), so each reply sees the whole
+dialogue, as the collator lays out multi-turn samples.
 """
 
 from __future__ import annotations
@@ -13,31 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from xllm.common.checkpoint import latest_checkpoint
-from xllm.common.config import as_list
-from xllm.models.builder import build_model, build_processors
-from xllm.models.config import resolve_model
+from xllm.models.builder import build_processors, build_run
 from xllm.models.lora import merge_lora
+from xllm.models.share import is_model_folder
 from xllm.models.xllm import XLLM
 from xllm.processors.collator import media_span
 
 
 def load_run(run: str | Path, device: str = "cpu", merge: bool = True) -> tuple[XLLM, dict]:
-    """The model of a run folder (its ``config.yaml`` and latest checkpoint) and its processors by modality.
-    ``merge``: LoRA adapters (``model.llm.lora``) are merged into the LLM's weights, which answers the same
-    faster."""
-    run = Path(run).expanduser()
-    config = run / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml (train.py writes one)")
-    if latest_checkpoint(run) is None:
-        raise FileNotFoundError(f"run folder {run} holds no checkpoint yet")
-    model_cfg = OmegaConf.load(config).model
-    earlier = as_list(model_cfg.checkpoint) if model_cfg.checkpoint else []
-    model_cfg.checkpoint = [*earlier, str(run)]  # what the run started from, then what it trained
-    model = build_model(resolve_model(model_cfg))
+    """The model of a run folder (its ``config.yaml`` and latest checkpoint) or of a shared model folder
+    (``XLLM.save_pretrained``), and its processors by modality. ``merge``: LoRA adapters (``model.llm.lora``) are
+    merged into the LLM's weights, which answers the same faster."""
+    model = XLLM.from_pretrained(run) if is_model_folder(run) else build_run(run)
     if merge:
         merge_lora(model)
     return model.to(device).eval(), build_processors(model.config)

@@ -7,6 +7,7 @@ class registered under its name, so resolving a model section imports the model'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +90,15 @@ def check_lora(lora: DictConfig, backend: str) -> None:
 
 
 PARTS = {"encoder": ENCODERS, "interface": INTERFACES, "adapter": ADAPTERS}
+
+
+def component_blocks(model: DictConfig) -> Iterator[tuple[type, DictConfig, str]]:
+    """(the registered class's ``Config``, the block, its config key) of every modality's encoder, interface and
+    adapter: where the path fields of a model's components are declared."""
+    for name, modality in model.modalities.items():
+        for part, registry in PARTS.items():
+            block = modality[part]
+            yield registry.get(block.name).Config, block, f"model.modalities.{name}.{part}"
 
 
 def model_defaults(arch: str, model_type: str) -> DictConfig:

@@ -13,10 +13,12 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from xllm.models import share
 from xllm.models.llm.base import LLMBackend
 from xllm.models.memory import dtype_of
 from xllm.models.registry import OBJECTIVES
@@ -240,6 +242,22 @@ class XLLM(nn.Module):
         """One sample's answer so far after every new token (a chat's streamed reply); ``inputs`` as in
         ``generate``."""
         return self.objectives["lm"].stream(self, self.make_batch(inputs, with_answers=False), **kwargs)
+
+    # ----------------------------------------------------------------- sharing
+
+    def save_pretrained(self, folder: str | Path, include_frozen: bool = False, card: dict | None = None) -> Path:
+        """Writes the model as a folder ``from_pretrained`` and ``load_model`` read (``xllm.models.share``):
+        ``xllm_config.json``, ``model.safetensors`` (the trained weights, or every weight with ``include_frozen``,
+        which makes the folder loadable without the frozen parts' sources) and a ``README.md`` model card holding
+        ``card``'s title, description, stages, datasets and figures."""
+        return share.save_pretrained(self, folder, include_frozen, card)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None, **overrides) -> "XLLM":
+        """The model a ``save_pretrained`` folder (or a ``zoo:`` path or Hub id naming one) holds, in eval mode on
+        ``device``, cast to ``dtype`` if given; ``overrides`` replace model config keys (``llm={...}``)."""
+        return share.from_pretrained(name_or_path, device, dtype, **overrides)
 
     def require_llm(self) -> LLMBackend:
         if self.llm is None:

@@ -11,7 +11,6 @@ every value reduced over ranks, and checkpoints that resume to the same step, da
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from xllm.common import dist
-from xllm.common.checkpoint import WEIGHTS, latest_checkpoint, publish, staging_folder
+from xllm.common.checkpoint import WEIGHTS, latest_checkpoint, library_version, publish, staging_folder
 from xllm.common.dtypes import AMP_DTYPES
 from xllm.common.logging import MetricLogger
 from xllm.runners.parallel import make_strategy
@@ -384,13 +383,6 @@ def flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
-
-
-def library_version() -> str:
-    try:
-        return importlib.metadata.version("xllm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def weighted_means(sums: dict[str, tuple[float, float]]) -> dict[str, float]:

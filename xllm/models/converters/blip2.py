@@ -126,6 +126,7 @@ class LoadReport:
     missing: list[str] | None = None
     ln_vision_eps: float | None = None
     notes: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)  # the target keys given a value (merged reports only)
 
     @property
     def ok(self) -> bool:
@@ -387,6 +388,7 @@ def merge_loaded(*loaded: tuple[dict[str, torch.Tensor], LoadReport], target_key
             if report.ln_vision_eps not in (None, part.ln_vision_eps):
                 report.notes.append(f"sources disagree on ln_vision_eps; {part.source} implies {part.ln_vision_eps:g}")
             report.ln_vision_eps = part.ln_vision_eps
+    report.filled = sorted(merged)
     if target_keys is not None:
         _compare_with_target(merged, report, target_keys)
     return merged, report

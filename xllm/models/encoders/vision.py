@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
+from xllm.common.checkpoint import weights_elsewhere
 from xllm.common.config import path_field
 from xllm.common.paths import resolve_path, zoo_hint
 from xllm.models.registry import register_encoder
@@ -44,7 +45,8 @@ class VisionEncoder(nn.Module):
             folder = resolve_path(cfg.path)
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"image encoder folder {folder} has no config.json{zoo_hint(cfg.path)}")
-            model = Blip2VisionModel.from_pretrained(folder)
+            model = (Blip2VisionModel(Blip2VisionConfig.from_pretrained(folder)) if weights_elsewhere(folder)
+                     else Blip2VisionModel.from_pretrained(folder))
         else:
             model = Blip2VisionModel(Blip2VisionConfig(
                 image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from xllm.common.checkpoint import load_state, read_weights
+from xllm.common.checkpoint import load_state, read_weights, weights_elsewhere
 from xllm.common.config import path_field
 from xllm.models.registry import register_encoder
 from xllm.models.sources import model_folder
@@ -54,6 +54,8 @@ def load_whisper_encoder(folder: str | Path) -> WhisperEncoder:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"Whisper folder {folder} has no config.json")
     encoder = WhisperEncoder(WhisperConfig.from_pretrained(folder))
+    if weights_elsewhere(folder):
+        return encoder.eval()
     state = read_weights(folder).tensors
     wanted = encoder.state_dict().keys()
     for prefix in ENCODER_PREFIXES:

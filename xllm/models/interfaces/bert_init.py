@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import BertModel
 
-from xllm.common.checkpoint import load_state
+from xllm.common.checkpoint import load_state, weights_elsewhere
 from xllm.models.sources import model_folder
 
 # BertModel key -> Q-Former interface keys (one BERT tensor may fill several).
@@ -39,6 +39,8 @@ def init_text_branch_from_bert(interface: nn.Module, spec: str) -> list[str]:
     folder = model_folder(spec, "interface.text_init")
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"interface.text_init {spec!r}: no BERT folder with config.json at {folder}")
+    if weights_elsewhere(folder):  # the shared model's own file holds what BERT would have started it from
+        return []
     bert = BertModel.from_pretrained(folder)
     own_config = interface.qformer.config
     mismatched = [f"{name}: BERT {getattr(bert.config, name)} vs interface {getattr(own_config, name)}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from xllm.common.checkpoint import weights_elsewhere
 from xllm.common.config import path_field
 from xllm.models.interfaces.cif import CIF, CIFOutput
 from xllm.models.registry import register_interface
@@ -64,7 +65,10 @@ class CFormerInterface(nn.Module):
             folder = model_folder(cfg.bert_path, "interface.bert_path")
             if not (folder / "config.json").is_file():
                 raise FileNotFoundError(f"interface.bert_path {folder} is not a BERT checkpoint folder (no config.json)")
-            bert = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
+            if weights_elsewhere(folder):
+                bert = BertModel(BertConfig.from_pretrained(folder), add_pooling_layer=False)
+            else:
+                bert = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
         else:
             config = BertConfig(
                 vocab_size=1,  # never looked up: the layers read inputs_embeds only

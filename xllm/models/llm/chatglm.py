@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from xllm.common.checkpoint import CheckpointError, load_state, read_weights
+from xllm.common.checkpoint import CheckpointError, load_state, read_weights, weights_elsewhere
 from xllm.common.dtypes import DTYPES, torch_dtype
 from xllm.processors.batch import IGNORE_INDEX
 from xllm.models.llm.chatglm_tokenizer import ChatGLMTokenizer, build_prompt, clean_response, prefix_lm_layout
@@ -527,6 +527,8 @@ class ChatGLMForConditionalGeneration(nn.Module):
         folder = Path(folder)
         config = ChatGLMConfig.from_json(folder / "config.json")
         dtype = resolve_dtype(torch_dtype, config)
+        if weights_elsewhere(folder):
+            return cls.from_config(config, device="cpu", dtype=dtype)
         model = cls.from_config(config, device="meta")
         lm_head = read_checkpoint(folder, model, config, dtype)
         embeddings = model.transformer.word_embeddings.weight

@@ -11,12 +11,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+from transformers.utils import GENERATION_CONFIG_NAME
 from transformers.generation.streamers import BaseStreamer
 
+from xllm.common.checkpoint import weights_elsewhere
 from xllm.common.dtypes import torch_dtype
 from xllm.common.paths import resolve_path
 from xllm.models.llm.base import LLMBackend, LLMOutput
@@ -123,7 +127,12 @@ class HFCausalLM(LLMBackend):
         source = str(resolve_path(cfg.path) if cfg.gguf_file else model_folder(cfg.path, "model.llm.path"))
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
+        if weights_elsewhere(source):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch_dtype(cfg.dtype))
+            if (Path(source) / GENERATION_CONFIG_NAME).is_file():  # its defaults steer generate, as when loaded
+                model.generation_config = GenerationConfig.from_pretrained(source)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
         return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
 
     def forward(self, input_ids, inputs_embeds, attention_mask, labels=None) -> LLMOutput:
