@@ -72,6 +72,7 @@ def main() -> None:
     checkpoint = runner.train()
     if dist.is_main():
         print(f"trained weights: {checkpoint}")
+    dist.shutdown()
 
 
 if __name__ == "__main__":

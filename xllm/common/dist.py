@@ -19,6 +19,14 @@ def init_distributed() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def shutdown() -> None:
+    """Leaves the process group once every rank is done: a process that exits with a live gloo group can abort
+    in the group's threads at interpreter exit, failing a run that finished."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
