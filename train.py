@@ -15,7 +15,7 @@ from xllm.common.paths import ensure_writable
 from xllm.common.logging import setup_logging
 from xllm.config import check_paths, load_config, per_process_batch_size
 from xllm.datasets.build import build_split
-from xllm.datasets.guard import scan
+from xllm.datasets.guard import dropped_records, scan
 from xllm.datasets.loader import evaluation_loader, training_loader
 from xllm.datasets.mixture import concat, training_set
 from xllm.models.builder import build_model
@@ -66,7 +66,7 @@ def main() -> None:
     val_set = concat(list(val_parts.values()))
     val_loader = evaluation_loader(val_set, task.collator(model, training=True), run.eval_batch_size,
                                    run.num_workers)
-    runner = Runner(run, model, task, train_loader, val_loader)
+    runner = Runner(run, model, task, train_loader, val_loader, dropped_records(train_parts))
     if run.resume:
         runner.resume(run.resume)
     checkpoint = runner.train()

@@ -10,7 +10,7 @@ import yaml
 
 from xllm.config import load_config
 from xllm.datasets.build import build_split
-from xllm.datasets.guard import scan
+from xllm.datasets.guard import dropped_records, scan
 from xllm.datasets.loader import training_loader
 from xllm.models.builder import build_model
 from xllm.runners.runner import BadDataError, Runner
@@ -80,3 +80,31 @@ def test_without_skip_a_broken_file_names_dataset_record_and_file(broken_world):
     dataset.skip = False
     with pytest.raises(ValueError, match=r"dataset 'w', record 17: cannot read image file .*\.png"):
         dataset[17]
+
+
+def test_records_dropped_while_reading_count_and_are_listed_with_the_replaced_ones(tmp_path, broken_world):
+    cfg, dataset, broken = broken_world
+    annotations = tmp_path / "world" / "annotations" / "train.json"
+    records = json.loads(annotations.read_text())
+    records[5]["caption"] = None
+    (tmp_path / "world" / records[9]["image"]).unlink()
+    annotations.write_text(json.dumps(records))
+    parts = build_split(cfg.datasets, "train")
+    assert len(parts["w"]) == 78
+    with pytest.raises(ValueError, match=r"6 of 80 training samples are unreadable \(7.5 %\).*w record 5: record 5 "
+                                         r"in .*train.json: field 'caption' must be a non-empty string, got None"):
+        scan(parts, max_bad_fraction=0.05)
+    # The broken images are named by their records' places in the file, not the dataset's after the drops.
+    assert [p["record"] for p in scan(parts, max_bad_fraction=0.1)][2:] == sorted(broken)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    task = LLMTask(cfg.run)
+    loader = training_loader(parts["w"], task.collator(model, True), 4, cfg.run.seed, num_workers=0)
+    runner = Runner(cfg.run, model, task, loader, dropped=dropped_records(parts))
+    runner.train()
+    reported = [json.loads(line) for line in (runner.output_dir / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(p["record"], p.get("dropped", False)) for p in reported[:2]] == [(5, True), (9, True)]
+    assert "file not found" in reported[1]["error"]
+    assert [p["record"] for p in reported[2:]] == sorted(broken)
+    for problem in reported[2:]:
+        assert records[problem["record"]]["image"].split("/")[-1] in problem["error"]

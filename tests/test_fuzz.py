@@ -75,7 +75,7 @@ def readers(folder: Path):
         "image": (image, lambda out: out.shape == (3, 16, 16)),
         "audio": (audio, lambda out: out.ndim == 2 and out.shape[0] == 80),
         "video": (video, lambda out: out.shape == (4, 3, 16, 16)),
-        "annotations": (lambda path: read_caption_records(path, "caption", folder, "skip", media_field="image"),
+        "annotations": (lambda path: read_caption_records(path, "caption", folder, "skip", media_field="image")[0],
                         lambda out: isinstance(out, list)),
     }
 

@@ -40,9 +40,10 @@ class GuardedDataset(WrappedDataset):
         try:
             return self.dataset[index]
         except (OSError, ValueError) as error:
-            problem = {"dataset": self.name, "record": index, "error": str(error)}
+            record = file_record(self.dataset, index)
+            problem = {"dataset": self.name, "record": record, "error": str(error)}
             if not self.skip:
-                raise ValueError(f"dataset {self.name!r}, record {index}: {error} (on_bad_sample: skip replaces "
+                raise ValueError(f"dataset {self.name!r}, record {record}: {error} (on_bad_sample: skip replaces "
                                  "such samples in training and drops them in evaluation)") from None
         if not self.training:
             return {"id": f"{self.name}:{index}", "bad": [problem], "dropped": True}
@@ -56,10 +57,32 @@ class GuardedDataset(WrappedDataset):
                          f"unreadable (the first: {problem['error']})")
 
 
+def kept_records(total: int, dropped: list[dict]) -> list[int]:
+    """The index in the annotation file of each record kept after ``dropped`` (``{"record": index}``) were."""
+    gone = {problem["record"] for problem in dropped}
+    return [index for index in range(total) if index not in gone]
+
+
+def file_record(dataset: Dataset, index: int) -> int:
+    """The annotation file's index of the dataset's sample ``index``: they differ once records were dropped
+    (the dataset's ``file_records``, ``kept_records``), and a report must name the record a user can find."""
+    positions = getattr(dataset, "file_records", None)
+    return index if positions is None else positions[index]
+
+
+def dropped_records(parts: dict[str, Dataset]) -> list[dict]:
+    """The records each dataset's builder dropped while reading its annotations (``on_bad_sample: skip``; a
+    builder lists them in the dataset's ``dropped_records``), as ``{"dataset", "record", "error", "dropped"}``."""
+    return [{"dataset": name, **problem, "dropped": True} for name, part in parts.items()
+            for problem in getattr(part, "dropped_records", None) or []]
+
+
 def scan(parts: dict[str, Dataset], max_bad_fraction: float) -> list[dict]:
     """Reads every sample of the guarded training sets once, before any work; an error when more than
-    ``max_bad_fraction`` of them are unreadable (so the run stops before its first step), else their problems."""
-    problems, total = [], 0
+    ``max_bad_fraction`` of them are unreadable (so the run stops before its first step), else their problems.
+    The records dropped while reading the annotations count as unreadable ones."""
+    problems = dropped_records(parts)
+    total = len(problems)
     for name, part in parts.items():
         if not isinstance(part, GuardedDataset):
             continue
@@ -68,7 +91,7 @@ def scan(parts: dict[str, Dataset], max_bad_fraction: float) -> list[dict]:
             try:
                 part.dataset[index]
             except (OSError, ValueError) as error:
-                problems.append({"dataset": name, "record": index, "error": str(error)})
+                problems.append({"dataset": name, "record": file_record(part.dataset, index), "error": str(error)})
     if total and len(problems) > max_bad_fraction * total:
         listing = "; ".join(f"{p['dataset']} record {p['record']}: {p['error']}" for p in problems[:5])
         raise ValueError(f"{len(problems)} of {total} training samples are unreadable ({100 * len(problems) / total:.1f} "

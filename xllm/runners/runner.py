@@ -68,8 +68,11 @@ def parameter_table(model: nn.Module, depth: int = 2) -> str:
 
 class Runner:
     def __init__(self, run: DictConfig, model: nn.Module, task, train_loader: DataLoader,
-                 val_loader: DataLoader | None = None) -> None:
+                 val_loader: DataLoader | None = None, dropped: list[dict] | None = None) -> None:
+        """``dropped``: the training records dropped while their annotations were read
+        (``xllm.datasets.guard.dropped_records``), listed with the replaced ones in ``bad_samples.jsonl``."""
         self.run, self.task = run, task
+        self.dropped = list(dropped or [])
         self.train_loader, self.val_loader = train_loader, val_loader
         self.output_dir = Path(run.output_dir)
         self.device = dist.pick_device(run.device)
@@ -280,15 +283,19 @@ class Runner:
                                f"{limit}; first: dataset {first['dataset']} record {first['record']}: {first['error']}")
 
     def _report_bad(self) -> None:
-        """Every unreadable record the run met (every rank's), once each, in ``bad_samples.jsonl``."""
+        """Every unreadable record the run met (every rank's), once each, in ``bad_samples.jsonl``: those
+        dropped when the annotations were read (``"dropped": true``, ``record`` their index in the file), then
+        those replaced in training (``record`` the dataset's index)."""
         gathered = dist.gather_objects(self.bad_samples)
-        if not dist.is_main() or not any(gathered):
+        if not dist.is_main() or not (any(gathered) or self.dropped):
             return
         distinct = {(p["dataset"], p["record"]): p for part in gathered for p in part}
+        replaced = [p for _, p in sorted(distinct.items())]
         path = self.output_dir / "bad_samples.jsonl"
-        path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for _, p in sorted(distinct.items())))
-        log.warning("%d unreadable records were replaced in training (%d times); listed in %s", len(distinct),
-                    sum(map(len, gathered)), path)
+        path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in self.dropped + replaced))
+        log.warning("%d unreadable records were dropped when their annotations were read and %d replaced in "
+                    "training (%d times); listed in %s", len(self.dropped), len(distinct), sum(map(len, gathered)),
+                    path)
 
     def _check_finite(self, finite: bool, sample_ids: list[str]) -> None:
         """A step whose loss or gradient norm is not finite left the weights as they were: ``run.on_nan: stop``

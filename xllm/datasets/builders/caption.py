@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from xllm.common import dist
 from xllm.common.config import choice, path_field
 from xllm.common.paths import cache_dir, read_utf8, resolve_path, spec_digest
+from xllm.datasets.guard import kept_records
 from xllm.datasets.lengths import text_length
 from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
@@ -107,11 +108,12 @@ def not_text(value: Any) -> bool:
 
 
 def read_caption_records(path: Path, caption_field: str, image_root: Path, on_bad_sample: str,
-                         media_field: str) -> list[dict]:
-    """Records of a caption JSON whose ``media_field`` names a media file; a record lacking a field or its file
-    is an error naming both."""
+                         media_field: str) -> tuple[list[dict], list[dict]]:
+    """Records of a caption JSON whose ``media_field`` names a media file, and those dropped (``on_bad_sample:
+    skip``) as ``{"record": index in the file, "error": why}``; otherwise a record lacking a field or its file is
+    an error naming both."""
     records = read_json_list(path, "caption annotation")
-    kept, skipped = [], 0
+    kept, dropped = [], []
     for index, record in enumerate(records):
         problem = None
         missing = [f for f in (media_field, caption_field) if not isinstance(record, dict) or f not in record]
@@ -127,12 +129,19 @@ def read_caption_records(path: Path, caption_field: str, image_root: Path, on_ba
         if problem is None:
             kept.append(record)
         elif on_bad_sample == "skip":
-            skipped += 1
+            dropped.append({"record": index, "error": problem})
         else:
             raise ValueError(problem + " (set on_bad_sample: skip to drop such records)")
-    if skipped:
-        log.warning("skipped %d of %d records of %s (on_bad_sample: skip)", skipped, len(records), path)
-    return kept
+    log_dropped(dropped, len(records), path)
+    return kept, dropped
+
+
+def log_dropped(dropped: list[dict], total: int, path: Path, shown: int = 10) -> None:
+    """Each dropped record's reason (the first ``shown`` of them) and their count."""
+    for problem in dropped[:shown]:
+        log.warning("skipped %s", problem["error"])
+    if dropped:
+        log.warning("skipped %d of %d records of %s (on_bad_sample: skip)", len(dropped), total, path)
 
 
 @register_builder("coco_caption")
@@ -145,23 +154,25 @@ class CocoCaptionBuilder:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
-    def records(self, split: str) -> tuple[list[dict], Path, Path]:
-        """The split's checked records (not yet cut to ``max_samples``), the folder their media paths start in
-        and the annotation file."""
+    def records(self, split: str) -> tuple[list[dict], Path, Path, list[dict]]:
+        """The split's checked records (not yet cut to ``max_samples``), the folder their media paths start in,
+        the annotation file, and the records dropped as unreadable (``read_caption_records``)."""
         cfg = self.cfg
         root = prepare_storage(cfg, *self.world)
         media_root, annotations = root / getattr(cfg, f"{self.media}_root"), root / cfg.annotations.format(split=split)
-        records = read_caption_records(annotations, cfg.caption_field, media_root, cfg.on_bad_sample,
-                                       media_field=self.media)
-        return records, media_root, annotations
+        records, dropped = read_caption_records(annotations, cfg.caption_field, media_root, cfg.on_bad_sample,
+                                                media_field=self.media)
+        return records, media_root, annotations, dropped
 
     def processor(self) -> Callable:
         return ImageProcessor(self.cfg.image_size)
 
     def build(self, split: str) -> CaptionDataset:
-        records, root, _ = self.records(split)
-        return CaptionDataset(records[: self.cfg.max_samples], root, self.processor(), self.cfg.prompts,
-                              self.cfg.caption_field, training=split == "train", media=self.media)
+        records, root, _, dropped = self.records(split)
+        dataset = CaptionDataset(records[: self.cfg.max_samples], root, self.processor(), self.cfg.prompts,
+                                 self.cfg.caption_field, training=split == "train", media=self.media)
+        dataset.dropped_records, dataset.file_records = dropped, kept_records(len(records) + len(dropped), dropped)
+        return dataset
 
 
 @dataclass

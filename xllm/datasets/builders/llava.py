@@ -26,7 +26,8 @@ from torch.utils.data import Dataset
 
 from xllm.common.config import choice, path_field
 from xllm.common.paths import resolve_path
-from xllm.datasets.builders.caption import not_text, prepare_storage, read_json_list
+from xllm.datasets.builders.caption import log_dropped, not_text, prepare_storage, read_json_list
+from xllm.datasets.guard import kept_records
 from xllm.datasets.lengths import text_length
 from xllm.datasets.registry import register_builder
 from xllm.processors.collator import media_span
@@ -96,20 +97,20 @@ def read_conversation(record: Any, index: int, path: Path) -> Conversation:
     return Conversation(str(record.get("id", index)), image, list(zip(values[0::2], values[1::2])))
 
 
-def read_conversations(path: Path, on_bad_sample: str) -> list[Conversation]:
-    """The conversations of a LLaVA JSON file; a malformed record is an error, or (``skip``) dropped and counted."""
+def read_conversations(path: Path, on_bad_sample: str) -> tuple[list[Conversation], list[dict]]:
+    """The conversations of a LLaVA JSON file, and those dropped (``on_bad_sample: skip``) as ``{"record",
+    "error"}``; otherwise a malformed record is an error."""
     records = read_json_list(path, "LLaVA conversation")
-    kept = []
+    kept, dropped = [], []
     for index, record in enumerate(records):
         try:
             kept.append(read_conversation(record, index, path))
         except ValueError as error:
             if on_bad_sample != "skip":
                 raise ValueError(f"{error} (set on_bad_sample: skip to drop such records)") from None
-    if len(kept) < len(records):
-        log.warning("skipped %d of %d records of %s (on_bad_sample: skip)", len(records) - len(kept), len(records),
-                    path)
-    return kept
+            dropped.append({"record": index, "error": str(error)})
+    log_dropped(dropped, len(records), path)
+    return kept, dropped
 
 
 class LlavaConversationDataset(Dataset):
@@ -162,6 +163,9 @@ class LlavaConversationBuilder:
 
     def build(self, split: str) -> LlavaConversationDataset:
         path, image_root = self.sources(split)
-        conversations = read_conversations(path, self.cfg.on_bad_sample)
-        return LlavaConversationDataset(conversations[: self.cfg.max_samples], image_root,
-                                        ImageProcessor(self.cfg.image_size), self.cfg.loss_on == "all_turns")
+        conversations, dropped = read_conversations(path, self.cfg.on_bad_sample)
+        dataset = LlavaConversationDataset(conversations[: self.cfg.max_samples], image_root,
+                                           ImageProcessor(self.cfg.image_size), self.cfg.loss_on == "all_turns")
+        dataset.dropped_records = dropped
+        dataset.file_records = kept_records(len(conversations) + len(dropped), dropped)
+        return dataset

@@ -66,7 +66,7 @@ class WorldQABuilder(CocoCaptionBuilder):
     Config = WorldQAConfig
 
     def build(self, split: str) -> WorldQADataset:
-        records, image_root, annotations = self.records(split)
+        records, image_root, annotations, dropped = self.records(split)
         for index, record in enumerate(records):
             if "qa" not in record or "scene" not in record:
                 raise ValueError(f"record {index} in {annotations} lacks the world's "
@@ -76,4 +76,6 @@ class WorldQABuilder(CocoCaptionBuilder):
                                                       for p in pairs):
                 raise ValueError(f"record {index} in {annotations}: field 'qa' must be a list of [question, answer] "
                                  f"pairs of non-empty strings, got {pairs!r}"[:300])
-        return WorldQADataset(records[: self.cfg.max_samples], self.cfg, self.processor(), image_root)
+        dataset = WorldQADataset(records[: self.cfg.max_samples], self.cfg, self.processor(), image_root)
+        dataset.dropped_records = dropped
+        return dataset
