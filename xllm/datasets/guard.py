@@ -57,15 +57,19 @@ class GuardedDataset(WrappedDataset):
                          f"unreadable (the first: {problem['error']})")
 
 
-def kept_records(total: int, dropped: list[dict]) -> list[int]:
-    """The index in the annotation file of each record kept after ``dropped`` (``{"record": index}``) were."""
+def note_dropped(dataset: Dataset, dropped: list[dict], total: int) -> Dataset:
+    """``dataset``, one sample per kept record of an annotation file of ``total`` records, told which records were
+    dropped while it was read (``{"record": index, "error"}``): they are reported (``dropped_records``), and its
+    samples are named by their records' indices in the file (``file_record``)."""
     gone = {problem["record"] for problem in dropped}
-    return [index for index in range(total) if index not in gone]
+    dataset.dropped_records = dropped
+    dataset.file_records = [index for index in range(total) if index not in gone]
+    return dataset
 
 
 def file_record(dataset: Dataset, index: int) -> int:
     """The annotation file's index of the dataset's sample ``index``: they differ once records were dropped
-    (the dataset's ``file_records``, ``kept_records``), and a report must name the record a user can find."""
+    (the dataset's ``file_records``, ``note_dropped``), and a report must name the record a user can find."""
     positions = getattr(dataset, "file_records", None)
     return index if positions is None else positions[index]
 

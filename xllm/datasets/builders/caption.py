@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from xllm.common import dist
 from xllm.common.config import choice, path_field
 from xllm.common.paths import cache_dir, read_utf8, resolve_path, spec_digest
-from xllm.datasets.guard import kept_records
+from xllm.datasets.guard import note_dropped
 from xllm.datasets.lengths import text_length
 from xllm.datasets.registry import register_builder
 from xllm.world.images import WorldImageSpec, write_world_images
@@ -171,8 +171,7 @@ class CocoCaptionBuilder:
         records, root, _, dropped = self.records(split)
         dataset = CaptionDataset(records[: self.cfg.max_samples], root, self.processor(), self.cfg.prompts,
                                  self.cfg.caption_field, training=split == "train", media=self.media)
-        dataset.dropped_records, dataset.file_records = dropped, kept_records(len(records) + len(dropped), dropped)
-        return dataset
+        return note_dropped(dataset, dropped, len(records) + len(dropped))
 
 
 @dataclass

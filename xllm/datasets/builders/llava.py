@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from xllm.common.config import choice, path_field
 from xllm.common.paths import resolve_path
 from xllm.datasets.builders.caption import log_dropped, not_text, prepare_storage, read_json_list
-from xllm.datasets.guard import kept_records
+from xllm.datasets.guard import note_dropped
 from xllm.datasets.lengths import text_length
 from xllm.datasets.registry import register_builder
 from xllm.processors.collator import media_span
@@ -166,6 +166,4 @@ class LlavaConversationBuilder:
         conversations, dropped = read_conversations(path, self.cfg.on_bad_sample)
         dataset = LlavaConversationDataset(conversations[: self.cfg.max_samples], image_root,
                                            ImageProcessor(self.cfg.image_size), self.cfg.loss_on == "all_turns")
-        dataset.dropped_records = dropped
-        dataset.file_records = kept_records(len(conversations) + len(dropped), dropped)
-        return dataset
+        return note_dropped(dataset, dropped, len(conversations) + len(dropped))

@@ -77,5 +77,5 @@ class WorldQABuilder(CocoCaptionBuilder):
                 raise ValueError(f"record {index} in {annotations}: field 'qa' must be a list of [question, answer] "
                                  f"pairs of non-empty strings, got {pairs!r}"[:300])
         dataset = WorldQADataset(records[: self.cfg.max_samples], self.cfg, self.processor(), image_root)
-        dataset.dropped_records = dropped
+        dataset.dropped_records = dropped  # reported only: its samples are questions, several per record
         return dataset
