@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from xllm.common.checkpoint import WEIGHTS, latest_checkpoint
-from xllm.common.config import as_list
+from xllm.common.config import RUN_CONFIG, as_list
 from xllm.common.logging import setup_logging
 from xllm.common.paths import resolve_path
 from xllm.models.builder import build_run
@@ -29,7 +29,6 @@ from xllm.models.lora import merge_lora
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "config.yaml"  # what train.py and evaluate.py save in their output folders
 REPORT = "report.json"  # evaluate.py's figures, by dataset
 
 

@@ -186,8 +186,11 @@ def load_with_base(path: Path, sections: tuple[str, ...], seen: tuple[Path, ...]
     return OmegaConf.merge(load_with_base(base, sections, seen + (path.resolve(),)), raw)
 
 
+RUN_CONFIG = "config.yaml"  # the resolved config train.py and evaluate.py save in their output folders
+
+
 def save_config(cfg: DictConfig, output_dir: str | Path) -> Path:
-    path = Path(output_dir) / "config.yaml"
+    path = Path(output_dir) / RUN_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, path, resolve=True)
     return path

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from xllm.common.checkpoint import latest_checkpoint, load_weights
-from xllm.common.config import as_list, config_paths
+from xllm.common.config import RUN_CONFIG, as_list, config_paths
 from xllm.common.dtypes import torch_dtype
 from xllm.models.config import NO_LLM, resolve_model
 from xllm.models.interfaces.qformer_text import is_text_branch_key
@@ -70,9 +70,9 @@ def build_run(run: str | Path, checkpoint: str | Path | None = None) -> XLLM:
     ``model.checkpoint``), then its own weights, from ``checkpoint`` (a step folder or a safetensors file) or
     else its latest checkpoint."""
     run = Path(run).expanduser()
-    config = run / "config.yaml"
+    config = run / RUN_CONFIG
     if not config.is_file():
-        raise FileNotFoundError(f"{run} is not a run folder: it has no config.yaml (train.py writes one)")
+        raise FileNotFoundError(f"{run} is not a run folder: it has no {RUN_CONFIG} (train.py writes one)")
     if checkpoint is None and latest_checkpoint(run) is None:
         raise FileNotFoundError(f"run folder {run} holds no checkpoint yet")
     model_cfg = OmegaConf.load(config).model
