@@ -129,6 +129,8 @@ def test_from_config_reads_the_llm_section(chatglm_folder):
         ChatGLMBackend.from_config(OmegaConf.structured(LLMConfig(backend="chatglm", path="zoo:tiny/absent")))
     with pytest.raises(ValueError, match="not GGUF"):
         ChatGLMBackend.from_config(OmegaConf.structured(LLMConfig(path=str(chatglm_folder), gguf_file="m.gguf")))
+    with pytest.raises(ValueError, match="llm.system_prompt=''.*no system turn"):
+        ChatGLMBackend.from_config(OmegaConf.structured(LLMConfig(path=str(chatglm_folder), system_prompt="")))
 
 
 # --------------------------------------------------------------------------- inside the composite

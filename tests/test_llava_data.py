@@ -303,3 +303,25 @@ def test_a_few_steps_on_llava_conversations_lower_the_loss(tmp_path, micro_model
     losses = [row["loss"] for row in logs if row["split"] == "train"]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+
+
+@pytest.mark.parametrize("system", ["", "Answer in one sentence."])
+def test_a_configured_system_turn_replaces_the_templates_default_once_in_every_round(tokenizers, system):
+    tokenizer = tokenizers["chatml"]
+    layout, eos = HFChatLayout(tokenizer, system_prompt=system), tokenizer.eos_token
+    own = f"<|im_start|>system\n{system}<|im_end|>\n"
+    prompt = layout.format_prompt("Hello?")
+    assert prompt.startswith(own) and "SmolLM" not in prompt and prompt.count("system\n") == 1
+    (pieces,) = layout.conversation(ROUNDS)
+    rendered = "".join(text + answer + eos for text, answer in pieces)
+    assert rendered.startswith(own) and rendered.count("system\n") == 1
+    assert prompt == tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                    {"role": "user", "content": "Hello?"}],
+                                                   tokenize=False, add_generation_prompt=True)
+
+
+def test_a_system_turn_needs_a_chat_template(tokenizers):
+    plain = AutoTokenizer.from_pretrained(tokenizers["tiny"].name_or_path)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="llm.system_prompt='Be brief.'.*no chat template"):
+        HFChatLayout(plain, system_prompt="Be brief.")

@@ -45,6 +45,9 @@ class LLMConfig:
     overflow: str = choice("refuse", "truncate")  # a longer prompt: an error, or its end kept (with a warning)
     max_answer_length: int | None = None  # answer tokens a training row keeps; longer answers are cut (a warning)
     lora: LoRAConfig | None = None  # LoRA on the LLM; None trains none of its weights
+    # The system turn every prompt starts with (hf_causal with a chat template); None leaves the template's own
+    # default, "" an empty turn (SmolLM2's default costs 16 positions in every row).
+    system_prompt: str | None = None
 
 
 @dataclass

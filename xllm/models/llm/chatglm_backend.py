@@ -100,6 +100,8 @@ class ChatGLMBackend(LLMBackend):
         if cfg.gguf_file:
             raise ValueError(f"llm.gguf_file={cfg.gguf_file!r}: the chatglm backend reads the original checkpoint "
                              "layout (safetensors or pytorch_model*.bin), not GGUF")
+        if cfg.system_prompt is not None:
+            raise ValueError(f"llm.system_prompt={cfg.system_prompt!r}: ChatGLM-6B's prompt format has no system turn")
         folder = resolve_path(cfg.path)
         if not folder.is_dir():
             raise FileNotFoundError(f"llm.path {cfg.path!r}: ChatGLM checkpoint folder {folder} is missing"

@@ -40,11 +40,16 @@ LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scalin
 class HFChatLayout:
     """The text side: chat template, tokenisation, prompt + answer + eos with labels on the answer."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_template: str = "{query}\n") -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_template: str = "{query}\n",
+                 system_prompt: str | None = None) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no eos token; an answer would never end")
+        if system_prompt is not None and tokenizer.chat_template is None:
+            raise ValueError(f"llm.system_prompt={system_prompt!r}: the LLM's tokenizer has no chat template to hold "
+                             "a system turn")
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.unk_token_id = tokenizer.unk_token_id
@@ -89,7 +94,7 @@ class HFChatLayout:
         return [pieces]
 
     def _messages(self, rounds: list[tuple[str, str]], query: str | None = None) -> list[dict[str, str]]:
-        messages = []
+        messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         for past_query, past_answer in rounds:
             messages += [{"role": "user", "content": past_query}, {"role": "assistant", "content": past_answer}]
         if query is not None:
@@ -110,10 +115,11 @@ class HFChatLayout:
 @register_llm("hf_causal")
 class HFCausalLM(LLMBackend):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 max_prompt_length: int | None = None, overflow: str = "refuse") -> None:
+                 max_prompt_length: int | None = None, overflow: str = "refuse",
+                 system_prompt: str | None = None) -> None:
         super().__init__()
         self.model = model
-        self.layout = HFChatLayout(tokenizer)
+        self.layout = HFChatLayout(tokenizer, system_prompt=system_prompt)
         self.hidden_size = model.config.hidden_size
         self.max_prompt_length, self.overflow = max_prompt_length, overflow
 
@@ -133,7 +139,7 @@ class HFCausalLM(LLMBackend):
                 model.generation_config = GenerationConfig.from_pretrained(source)
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype), **extra)
-        return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow)
+        return cls(model, tokenizer, cfg.max_prompt_length, cfg.overflow, cfg.system_prompt)
 
     def forward(self, input_ids, inputs_embeds, attention_mask, labels=None) -> LLMOutput:
         # Left padding: positions count real tokens only, so a padded row computes what it would alone.
