@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from xllm.world.scenes import caption_en, caption_zh, sample_scene
 from xllm.processors.batch import IGNORE_INDEX
+from xllm.models.config import LLMConfig
 from xllm.models.llm.hf_causal import HFCausalLM
 from xllm.processors.collator import marker, media_span
 from xllm.zoo.corpus import SPAN_QUESTIONS, copy_drill, world_documents
@@ -15,8 +16,7 @@ from xllm.zoo.tiny_llm import MEDIA_SPAN, chat_row, render_chat
 
 @pytest.fixture(scope="module")
 def backend(micro_zoo) -> HFCausalLM:
-    cfg = OmegaConf.create({"path": str(micro_zoo["llm"]), "gguf_file": None, "dtype": "float32",
-                            "max_prompt_length": None, "overflow": "refuse"})
+    cfg = OmegaConf.merge(OmegaConf.structured(LLMConfig), {"path": str(micro_zoo["llm"]), "dtype": "float32"})
     return HFCausalLM.from_config(cfg)
 
 
