@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import profile
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from xllm.models.config import LLMConfig
@@ -67,6 +69,25 @@ def test_hf_loss_equals_the_models_own_labels_loss(hf_llm):
     theirs.loss.backward()
     assert torch.allclose(ours_embeds.grad, theirs_embeds.grad, rtol=1e-4, atol=1e-7)
     assert ours_embeds.grad.abs().sum() > 0
+
+
+def test_hf_training_forward_attends_with_the_math_kernel_for_the_flash_kernels_values(hf_llm):
+    """On CPU a forward that will be backpropagated takes the math kernel (its backward is the fast one there);
+    its loss and gradients equal those of torch's flash kernel."""
+    ids, mask, labels = left_padded([12, 5], [4, 2], hf_llm.model.config.vocab_size, hf_llm.layout.pad_token_id)
+    ours_embeds, flash_embeds = embeds_with_grad(hf_llm, ids), embeds_with_grad(hf_llm, ids)
+    with profile() as ours_profile:
+        ours = hf_llm(ids, ours_embeds, mask, labels)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), profile() as flash_profile:
+        flash = hf_llm.model(inputs_embeds=flash_embeds, attention_mask=mask,
+                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0), labels=labels)
+    kernels = [{event.key for event in run.key_averages()} for run in (ours_profile, flash_profile)]
+    assert "aten::_scaled_dot_product_attention_math" in kernels[0]
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels[1] - kernels[0]
+    assert torch.allclose(ours.loss, flash.loss, rtol=1e-5, atol=1e-6)
+    ours.loss.backward()
+    flash.loss.backward()
+    assert torch.allclose(ours_embeds.grad, flash_embeds.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_hf_loss_of_a_model_that_transforms_its_logits(hf_llm):

@@ -5,12 +5,16 @@ embeddings: its weights never train, but its layers must still keep (or recomput
 Activation checkpointing recomputes them in backward. transformers' layers and the native ChatGLM checkpoint
 only while their module is in training mode, which a frozen module never is (``set_train_mode``), so a
 checkpointing module is put in training mode itself while its children keep theirs: no dropout turns on.
+The recomputation attends with the attention kernels its forward could use (``same_attention_kernels``).
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xllm.models.trainable import matches
 
@@ -18,6 +22,21 @@ from xllm.models.trainable import matches
 def supports_checkpointing(module: nn.Module) -> bool:
     return callable(getattr(module, "activation_checkpointing_enable", None)) and getattr(
         module, "supports_gradient_checkpointing", True)
+
+
+# torch's switches for each scaled-dot-product kernel (global, though named after CUDA).
+SDPA_SWITCHES = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+                 SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+                 SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+                 SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled}
+
+
+def same_attention_kernels() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """A ``torch.utils.checkpoint`` ``context_fn``: the recomputation in backward may use the kernels the forward
+    could. Backward runs outside any ``sdpa_kernel`` block the forward ran in (the HF backend's training forward
+    picks the math kernel on CPU), and a recomputation under another kernel gives other values, which torch's
+    checkpoint refuses."""
+    return nullcontext(), sdpa_kernel([backend for backend, enabled in SDPA_SWITCHES.items() if enabled()])
 
 
 def enable_activation_checkpointing(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -36,7 +55,7 @@ def enable_activation_checkpointing(model: nn.Module, patterns: list[str]) -> li
             raise ValueError(f"model.activation_checkpointing: no module under {pattern!r} can recompute its "
                              "layers (transformers models and the native ChatGLM can)")
         for name, module in outermost:
-            module.activation_checkpointing_enable()  # non-reentrant: transformers' default
+            module.activation_checkpointing_enable({"use_reentrant": False, "context_fn": same_attention_kernels})
             found.append(name)
     return found
 

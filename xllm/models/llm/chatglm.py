@@ -283,6 +283,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         self.transformer = GLMTransformer(config)
         self.attn_implementation = "sdpa"  # "eager" computes the scores explicitly (always for output_attentions)
         self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict = {"use_reentrant": False}
 
     @classmethod
     def from_config(cls, config: ChatGLMConfig | dict, device: str | torch.device = "meta",
@@ -306,10 +307,12 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.word_embeddings
 
-    def activation_checkpointing_enable(self) -> None:
-        """Recompute each block's activations in backward (non-reentrant checkpointing) while training (the
-        name transformers gives the same switch)."""
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block's activations in backward while training, with ``torch.utils.checkpoint``'s
+        ``activation_checkpointing_kwargs`` (non-reentrant by default); the name and argument transformers give
+        the same switch."""
         self.gradient_checkpointing = True
+        self.checkpoint_kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
 
     def layout(self, input_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +380,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
             if output_hidden_states:
                 hidden_states.append(hidden)
             past = None if past_key_values is None else past_key_values.layers[i]
-            run = partial(checkpoint, layer, use_reentrant=False) if checkpointing else layer
+            run = partial(checkpoint, layer, **self.checkpoint_kwargs) if checkpointing else layer
             hidden, present, probs = run(hidden, cos, sin, attend_mask, past, eager)
             presents.append(present)
             attentions.append(probs)
