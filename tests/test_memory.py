@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import MICRO_QFORMER
 from omegaconf import OmegaConf
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xllm.common.config import ConfigError
 from xllm.models.builder import build_model
 from xllm.models.config import resolve_model
+from xllm.models.memory import same_attention_kernels
 
 PROMPT = "<Image><ImageHere></Image> Describe the image."
 
@@ -80,6 +82,19 @@ def test_checkpointing_recomputes_the_frozen_llm_and_the_interface_with_the_same
         checkpointed.eval()
         checkpointed(batch)
     assert runs == [1] * len(runs)
+
+
+def test_the_recomputation_may_use_exactly_the_kernels_of_its_forward():
+    """Made inside an ``sdpa_kernel`` block, the recomputation's context enables that block's kernels, and only
+    them, wherever backward enters it."""
+    with sdpa_kernel([SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION]):
+        _, recompute = same_attention_kernels()
+    assert torch.backends.cuda.flash_sdp_enabled()
+    with recompute:
+        enabled = [torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                   torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()]
+    assert enabled == [False, True, True, False]
+    assert torch.backends.cuda.flash_sdp_enabled()
 
 
 def test_checkpointing_a_module_that_cannot_is_an_error(micro_model_cfg):

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
 from xllm.models.trainable import matches
 
@@ -24,19 +24,14 @@ def supports_checkpointing(module: nn.Module) -> bool:
         module, "supports_gradient_checkpointing", True)
 
 
-# torch's switches for each scaled-dot-product kernel (global, though named after CUDA).
-SDPA_SWITCHES = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
-                 SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
-                 SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
-                 SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled}
-
-
 def same_attention_kernels() -> tuple[AbstractContextManager, AbstractContextManager]:
     """A ``torch.utils.checkpoint`` ``context_fn``: the recomputation in backward may use the kernels the forward
     could. Backward runs outside any ``sdpa_kernel`` block the forward ran in (the HF backend's training forward
     picks the math kernel on CPU), and a recomputation under another kernel gives other values, which torch's
     checkpoint refuses."""
-    return nullcontext(), sdpa_kernel([backend for backend, enabled in SDPA_SWITCHES.items() if enabled()])
+    # torch has no public query of the enabled kernels; this is the one ``sdpa_kernel`` saves and restores with,
+    # and it covers every backend (a device's overrideable one included).
+    return nullcontext(), sdpa_kernel(_cur_sdpa_kernel_backends())
 
 
 def enable_activation_checkpointing(model: nn.Module, patterns: list[str]) -> list[str]:
