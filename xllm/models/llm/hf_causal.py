@@ -26,6 +26,7 @@ from xllm.common.checkpoint import weights_elsewhere
 from xllm.common.dtypes import torch_dtype
 from xllm.common.paths import resolve_path
 from xllm.models.llm.base import LLMBackend, LLMOutput
+from xllm.models.llm.greedy import greedy_decode, plain_greedy_settings
 from xllm.models.llm.label_loss import answer_loss, loss_from_logits, shifted_targets
 from xllm.models.registry import register_llm
 from xllm.models.sources import model_folder
@@ -182,10 +183,14 @@ class HFCausalLM(LLMBackend):
     @torch.no_grad()
     def generate(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, **generation_kwargs):
         kwargs = {"do_sample": False, "num_beams": 1, **generation_kwargs}
-        eos = self.layout.eos_token_id
-        out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                  pad_token_id=self.layout.pad_token_id, **kwargs)
+        eos, pad = self.layout.eos_token_id, self.layout.pad_token_id
+        greedy = plain_greedy_settings(self.model, kwargs)
+        if greedy is not None:
+            out = greedy_decode(self.model, self.plain_output_layer(), inputs_embeds, attention_mask, max_new_tokens,
+                                eos, pad, greedy.min_new_tokens or 0, kwargs.get("streamer"))
+        else:
+            out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kwargs)
         return [row[: row.index(eos)] if eos in row else row for row in out.tolist()]
 
     def stream(self, input_ids, inputs_embeds, attention_mask, max_new_tokens, **generation_kwargs) -> Iterator[int]:
