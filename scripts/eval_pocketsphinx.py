@@ -1,12 +1,16 @@
-"""Transcribe real human speech, Debian's ``pocketsphinx-testdata`` utterances, with trained speech weights.
+"""Transcribe real human speech, Debian's ``pocketsphinx-testdata`` utterances, with trained speech weights, beside
+Whisper's own decoder on the same files.
 
-``python scripts/eval_pocketsphinx.py --cfg-path configs/tiny/eval_asr.yaml [--checkpoint RUN_OR_FILE]``
+``python scripts/eval_pocketsphinx.py --cfg-path configs/mini/eval_asr.yaml configs/tiny/eval_asr.yaml
+[--whisper openai/whisper-tiny.en | none]``
 
 The utterances (spoken playing cards and a LibriVox reading, 16 kHz WAV) come with transcripts in Sphinx's
-``<s> words </s> (utterance id)`` format. The model, task and decoding are the evaluation config's (its
-``datasets`` section is not used; the prompt is the English default), so the WER printed is that of the
-weights a stage produced. Prints each reference and hypothesis and writes ``pocketsphinx_report.json`` to
-``run.output_dir``.
+``<s> words </s> (utterance id)`` format. Each evaluation config gives one row: its model, task and decoding (its
+``datasets`` section is not used; the prompt is the English default), so the WER printed is that of the weights
+its stages produced. ``--whisper`` adds the row of a complete Whisper model decoding with its own decoder
+(transformers' ``generate``, greedy), found as any model name is (``xllm.models.sources``). Every row is scored
+by the same normalisation (``xllm.eval.asr_metrics``). Prints each reference and hypothesis, then one table, and
+writes ``pocketsphinx_report.json`` to the first config's ``run.output_dir``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from xllm import zoo
 from xllm.common.dist import pick_device
@@ -24,9 +29,10 @@ from xllm.config import load_config
 from xllm.datasets.builders.asr import ASRRecord
 from xllm.datasets.builders.speech_instruction import SpeechInstructionDataset, default_prompts
 from xllm.datasets.loader import evaluation_loader
-from xllm.eval.caption_metrics import format_table
+from xllm.eval.asr_metrics import asr_report
 from xllm.models.builder import build_model
-from xllm.processors.audio import AudioProcessor
+from xllm.models.sources import model_folder
+from xllm.processors.audio import SAMPLE_RATE, AudioProcessor, load_audio
 from xllm.tasks.registry import TASKS
 
 DEFAULT_ROOT = Path("/usr/share/pocketsphinx/test/data")
@@ -63,32 +69,68 @@ def pocketsphinx_records(root: Path) -> list[ASRRecord]:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg-path", default="configs/tiny/eval_asr.yaml")
-    parser.add_argument("--checkpoint", help="trained weights (default: the config's model.checkpoint)")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--options", nargs="+", default=[])
-    args = parser.parse_args()
-    options = args.options + ([f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [])
-    cfg = load_config(args.cfg_path, options)
+def model_transcripts(cfg_path: str, options: list[str], records: list[ASRRecord]) -> tuple[list[dict], Path]:
+    """Rows ``{id, reference, prediction, lang}`` of an evaluation config's model, and its output folder."""
+    cfg = load_config(cfg_path, options)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     zoo.ensure(cfg.model)
     model = build_model(cfg.model).to(pick_device(cfg.run.device)).eval()
     # The encoder's window bounds what one pass can hear; the longest utterance here is 7.1 s.
     audio = {"max_seconds": model.encoders["speech"].window_frames / 100}
-    dataset = SpeechInstructionDataset(pocketsphinx_records(args.data_root), AudioProcessor.from_config(audio),
-                                       default_prompts(), "en", training=False)
+    dataset = SpeechInstructionDataset(records, AudioProcessor.from_config(audio), default_prompts(), "en",
+                                       training=False)
     task = TASKS.get(cfg.run.task)(cfg.run)
     loader = evaluation_loader(dataset, task.collator(model, training=False), cfg.run.eval_batch_size)
-    metrics, rows = task.evaluate(model, loader, "asr", "en")
-    for row in rows:
-        print(f"{row['id']}\n  ref: {row['reference']}\n  hyp: {row['prediction']}")
-    print(format_table(metrics, f"pocketsphinx-testdata ({len(rows)} utterances, checkpoint {cfg.model.checkpoint})"))
-    output_dir = Path(cfg.run.output_dir)
+    return task.collect(model, loader, "en"), Path(cfg.run.output_dir)
+
+
+@torch.no_grad()
+def whisper_transcripts(name: str, records: list[ASRRecord]) -> list[dict]:
+    """Rows of a complete Whisper model transcribing each utterance with its own decoder, greedily."""
+    folder = model_folder(name, "--whisper")
+    processor = WhisperProcessor.from_pretrained(folder)
+    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    rows = []
+    for record in records:
+        features = processor(load_audio(record.audio), sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        ids = model.generate(features.input_features, num_beams=1, do_sample=False)
+        rows.append({"id": record.utt_id, "reference": record.text, "lang": "en",
+                     "prediction": processor.batch_decode(ids, skip_special_tokens=True)[0].strip()})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg-path", nargs="+", default=["configs/tiny/eval_asr.yaml"],
+                        help="evaluation configs, one row each")
+    parser.add_argument("--whisper", default="openai/whisper-tiny.en",
+                        help="a complete Whisper model decoding with its own decoder, or 'none'")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--options", nargs="+", default=[], help="overrides applied to every config")
+    args = parser.parse_args()
+    records = pocketsphinx_records(args.data_root)
+    systems, output_dir = {}, None
+    for cfg_path in args.cfg_path:
+        systems[cfg_path], folder = model_transcripts(cfg_path, args.options, records)
+        output_dir = output_dir or folder
+    if args.whisper != "none":
+        systems[f"{args.whisper} (own decoder)"] = whisper_transcripts(args.whisper, records)
+    reports = {}
+    for system, rows in systems.items():
+        print(f"\n{system}")
+        for row in rows:
+            print(f"{row['id']}\n  ref: {row['reference']}\n  hyp: {row['prediction']}")
+        reports[system] = asr_report([r["reference"] for r in rows], [r["prediction"] for r in rows],
+                                     [r["lang"] for r in rows])
+    width = max(len(system) for system in reports)
+    print(f"\npocketsphinx-testdata, {len(records)} human utterances\n{'system':<{width}}  {'WER':>7}  {'CER':>7}")
+    for system, report in reports.items():
+        print(f"{system:<{width}}  {report['wer']:>7.3f}  {report['cer']:>7.3f}")
+    output_dir = output_dir or Path(".")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "pocketsphinx_report.json").write_text(json.dumps({"metrics": metrics, "rows": rows}, indent=2))
+    (output_dir / "pocketsphinx_report.json").write_text(
+        json.dumps({system: {"metrics": reports[system], "rows": rows} for system, rows in systems.items()}, indent=2))
 
 
 if __name__ == "__main__":
