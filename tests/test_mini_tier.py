@@ -95,6 +95,13 @@ def test_every_mini_stage_trains_and_evaluates_from_the_one_before(slices):
               + speech_options(slices, "masr", "s3") + ["datasets.masr.image_size=32"]
               + TRAINING + [f"model.checkpoint=[{root / 's2i'},{root / 's1s'},{root / 's2s'}]"])
     run("train.py", "configs/mini/stage3.yaml", stage3)
+    evaluation = (image_options(slices, "image_caption", "eval_s3") + speech_options(slices, "asr", "eval_s3")
+                  + speech_options(slices, "masr", "eval_s3") + ["datasets.masr.image_size=32", "run.max_new_tokens=4",
+                                                                 "run.eval_batch_size=2"]
+                  + [f"model.checkpoint=[{root / 's2i'},{root / 's1s'},{root / 's2s'},{root / 's3'}]"])
+    run("evaluate.py", "configs/mini/eval_stage3.yaml", evaluation)
+    report = json.loads((root / "eval_s3" / "report.json").read_text())
+    assert set(report) == {"image_caption", "asr", "masr"} and "accuracy_colour" in report["image_caption"]
     for stage in ("s1i", "s2i", "s1s", "s2s", "s3"):
         losses = training_losses(root / stage)
         assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), (stage, losses)
