@@ -5,9 +5,9 @@
 
 Both models come from ``blip2_pair.py``: one random BLIP-2 (Llama text model), xllm's model converted from its
 checkpoint folder, the same prompt after every image. Both decode greedily with the KV cache, a whole batch at a
-time, and exactly ``--new-tokens`` tokens per caption (``min_new_tokens`` = ``max_new_tokens`` on both, which xllm's
-``generate`` hands to transformers' ``generate`` of its LLM): a random model's end token would otherwise end
-captions at random lengths. A caption is text on both sides (transformers' new ids decoded by the same tokenizer).
+time, and exactly ``--new-tokens`` tokens per caption (``min_new_tokens`` = ``max_new_tokens`` on both; xllm's own greedy
+loop holds the end token back as transformers' does): a random model's end token would otherwise end captions at
+random lengths. A caption is text on both sides (transformers' new ids decoded by the same tokenizer).
 
 First the two sets of captions are compared (fp32): random weights leave near-ties between tokens that a different
 order of operations may break the other way, so the table reports the share of captions and of words that agree

@@ -110,10 +110,10 @@ def main() -> None:
     parser.add_argument("--options", nargs="+", default=[], help="overrides applied to every config")
     args = parser.parse_args()
     records = pocketsphinx_records(args.data_root)
-    systems, output_dir = {}, None
+    systems, folders = {}, []
     for cfg_path in args.cfg_path:
         systems[cfg_path], folder = model_transcripts(cfg_path, args.options, records)
-        output_dir = output_dir or folder
+        folders.append(folder)
     if args.whisper != "none":
         systems[f"{args.whisper} (own decoder)"] = whisper_transcripts(args.whisper, records)
     reports = {}
@@ -127,7 +127,7 @@ def main() -> None:
     print(f"\npocketsphinx-testdata, {len(records)} human utterances\n{'system':<{width}}  {'WER':>7}  {'CER':>7}")
     for system, report in reports.items():
         print(f"{system:<{width}}  {report['wer']:>7.3f}  {report['cer']:>7.3f}")
-    output_dir = output_dir or Path(".")
+    output_dir = folders[0]
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "pocketsphinx_report.json").write_text(
         json.dumps({system: {"metrics": reports[system], "rows": rows} for system, rows in systems.items()}, indent=2))
