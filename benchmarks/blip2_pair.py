@@ -111,8 +111,10 @@ def save_folders(hf: Blip2ForConditionalGeneration, size: Size, root: Path,
     return blip2, llm
 
 
-def xllm_model(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = None) -> XLLM:
-    """xllm's stage-2 image model from a model config: its parts sized as ``size``, weights from the folders."""
+def xllm_model(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = None,
+               compile: tuple[str, ...] = ()) -> XLLM:
+    """xllm's stage-2 image model from a model config: its parts sized as ``size``, weights from the folders;
+    ``compile`` is ``model.compile``."""
     heads = size.heads
     cfg = {
         "arch": "xllm", "model_type": "tiny",
@@ -132,6 +134,7 @@ def xllm_model(size: Size, blip2: Path, llm: Path, frozen_dtype: str | None = No
         "pretrained": [str(blip2)],
         "trainable": ["interfaces.image", "adapters.image"],
         "frozen_dtype": frozen_dtype,
+        "compile": list(compile),
     }
     return build_model(resolve_model(OmegaConf.create(cfg)))
 

@@ -8,7 +8,8 @@ steps (forward, backward, AdamW over the Q-Former, queries and projection) in on
 each round runs every setting, xllm then transformers, ``--steps`` steps each after one untimed step.
 
 Settings: fp32; bf16 autocast (weights as stored, fp32); bf16 autocast with the frozen vision encoder and LLM stored
-in bf16 (xllm's ``model.frozen_dtype: bfloat16``; transformers' frozen modules cast with ``.to``). The table gives
+in bf16 (xllm's ``model.frozen_dtype: bfloat16``; transformers' frozen modules cast with ``.to``); that with both
+LLMs' layers compiled for training (``model.compile: [llm]``, ``xllm.models.compiled``, on either side). The table gives
 samples/s (median over rounds and its range), xllm / transformers (median and range over the rounds' pairs), and
 peak memory: the weights' bytes, plus the peak of the bytes allocated during one step above those allocated before
 it (torch profiler memory records). FLOPs are counted once per model and setting with
@@ -32,7 +33,11 @@ from blip2_pair import (SIZES, freeze_as_stage2, hf_blip2, hf_inputs, images, pa
                         step_peak_bytes, xllm_batch, xllm_model)
 from rounds import speed_ratios, spread, timed
 
+from xllm.models.compiled import compile_layers
+
 MATMUL_SIDE = 2048
+COMPILED = "frozen bf16, compiled LLM"
+EAGER_TWIN = {COMPILED: "bf16 autocast, frozen bf16"}
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int = 5) -> float:
@@ -84,6 +89,14 @@ def build_trainers(size_name: str, batch_size: int, root: Path) -> dict[str, dic
     hf_bf16.vision_model.to(torch.bfloat16)
     hf_bf16.language_model.to(torch.bfloat16)
     freeze_as_stage2(hf_bf16).train()
+    # Both sides' LLM layers through the same compile: what either model gains from inductor's fused kernels.
+    xllm_compiled = xllm_model(size, blip2, llm, frozen_dtype="bfloat16", compile=("llm",)).train()
+    hf_compiled = hf_blip2(size)
+    hf_compiled.load_state_dict(hf_bf16.state_dict())
+    hf_compiled.vision_model.to(torch.bfloat16)
+    hf_compiled.language_model.to(torch.bfloat16)
+    freeze_as_stage2(hf_compiled).train()
+    compile_layers(hf_compiled, ["language_model"])
 
     def xllm_loss(model):
         return lambda: model(batch).loss
@@ -97,6 +110,8 @@ def build_trainers(size_name: str, batch_size: int, root: Path) -> dict[str, dic
                           "hf": Trainer(hf, hf_loss(hf), True)},
         "bf16 autocast, frozen bf16": {"xllm": Trainer(xllm_bf16, xllm_loss(xllm_bf16), True),
                                        "hf": Trainer(hf_bf16, hf_loss(hf_bf16), True)},
+        COMPILED: {"xllm": Trainer(xllm_compiled, xllm_loss(xllm_compiled), True),
+                   "hf": Trainer(hf_compiled, hf_loss(hf_compiled), True)},
     }
 
 
@@ -114,9 +129,8 @@ def main() -> None:
     print(f"matmul peak ({args.threads} thread(s)): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory() as root:
-        trainers = build_trainers(args.size, args.batch, Path(root))
-    if args.settings:
-        trainers = {name: trainers[name] for name in args.settings}
+        built = build_trainers(args.size, args.batch, Path(root))
+    trainers = {name: built[name] for name in args.settings} if args.settings else built
     for pair in trainers.values():
         for trainer in pair.values():
             trainer()  # warm-up: first-call allocations and kernel selection
@@ -127,7 +141,9 @@ def main() -> None:
                 seconds[name][side].append(timed(lambda: [trainer() for _ in range(args.steps)]) / args.steps)
     memory = {name: {side: (parameter_bytes(t.model), step_peak_bytes(t)) for side, t in pair.items()}
               for name, pair in trainers.items()}
-    flops = {name: {side: t.flops() for side, t in pair.items()} for name, pair in trainers.items()}
+    # A compiled step does the arithmetic of its eager twin, whose FLOPs are counted instead: the counter's
+    # dispatch mode would only make the compiled layers recompile.
+    flops = {name: {side: t.flops() for side, t in built[EAGER_TWIN.get(name, name)].items()} for name in trainers}
 
     print(f"\nstage-2 image step, {args.size} size, batch {args.batch}, {args.threads} thread(s), {args.rounds} rounds "
           f"of {args.steps} steps (median (range))")

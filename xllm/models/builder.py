@@ -18,6 +18,7 @@ from xllm.common.config import RUN_CONFIG, as_list, config_paths
 from xllm.common.dtypes import torch_dtype
 from xllm.models.config import NO_LLM, resolve_model
 from xllm.models.interfaces.qformer_text import is_text_branch_key
+from xllm.models.compiled import compile_layers
 from xllm.models.lora import add_lora
 from xllm.models.memory import enable_activation_checkpointing, store_frozen_in
 from xllm.models.pretrained import load_pretrained
@@ -62,6 +63,8 @@ def build_model(cfg: DictConfig) -> XLLM:
     if cfg.frozen_dtype is not None:
         log.info("%d frozen parameters stored in %s", store_frozen_in(model, torch_dtype(cfg.frozen_dtype)),
                  cfg.frozen_dtype)
+    if cfg.compile:
+        log.info("layers compiled for training in %s", ", ".join(compile_layers(model, list(cfg.compile))))
     return model.eval()
 
 

@@ -68,6 +68,8 @@ class ModelConfig:
     trainable: list[str] = field(default_factory=list)  # module names or globs; everything else is frozen
     # Modules whose layers recompute their activations in backward (``llm``, ``interfaces.*``): less memory.
     activation_checkpointing: list[str] = field(default_factory=list)
+    # Modules whose layers run through torch.compile in training passes (``llm``): fused element-wise work.
+    compile: list[str] = field(default_factory=list)
     frozen_dtype: str | None = choice(None, *DTYPES)  # the dtype frozen parts are stored in; None keeps theirs
     # Original checkpoints converted at build time, before ``checkpoint``: LAVIS/X-LLM ``.pth`` files, Hugging
     # Face ``Blip2*`` folders (``xllm.models.pretrained``); later ones win.

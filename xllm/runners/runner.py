@@ -35,7 +35,7 @@ from xllm.runners.schedule import lr_factor
 STATE = "trainer_state.pt"  # scheduler, step, epoch, samples seen: tensors and plain containers only
 MANIFEST = "manifest.json"  # what wrote the checkpoint: library version, the model config and its hash
 # Model options that change memory or speed but no weight: a run may resume with them changed.
-RESUMABLE_CHANGES = ("activation_checkpointing", "frozen_dtype", "llm.dtype")
+RESUMABLE_CHANGES = ("activation_checkpointing", "compile", "frozen_dtype", "llm.dtype")
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,34 @@
+"""``model.compile``: the LLM's layers compiled for training passes give the eager loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from test_memory import batch_of, build, step
+
+
+def test_compiled_layers_train_as_the_eager_ones_and_evaluate_eagerly(micro_model_cfg):
+    eager = build(micro_model_cfg)
+    batch = batch_of(eager, n=3)
+    compiled = build(micro_model_cfg, compile=["llm"])
+    torch._dynamo.reset()
+    counters.clear()
+    loss, grads = step(eager, batch)
+    loss_compiled, grads_compiled = step(compiled, batch)
+    assert counters["stats"]["unique_graphs"] >= 1  # the layers did go through the compiler
+    torch.testing.assert_close(loss_compiled, loss, rtol=1e-5, atol=1e-6)
+    assert grads_compiled.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-6)
+    # Without gradients the layers run eagerly: bit-equal outputs, and no graph compiled for the pass.
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        eager.eval(), compiled.eval()
+        assert torch.equal(compiled(batch).loss, eager(batch).loss)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiling_a_module_without_layers_is_an_error(micro_model_cfg):
+    with pytest.raises(ValueError, match="model.compile: no stack of layers .* under 'adapters.image'"):
+        build(micro_model_cfg, compile=["adapters.image"])
