@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from test_memory import batch_of, build, step
+from test_memory import batch_of, build, count_layer_runs, step
 
 
 def test_compiled_layers_train_as_the_eager_ones_and_evaluate_eagerly(micro_model_cfg):
@@ -27,6 +27,19 @@ def test_compiled_layers_train_as_the_eager_ones_and_evaluate_eagerly(micro_mode
         eager.eval(), compiled.eval()
         assert torch.equal(compiled(batch).loss, eager(batch).loss)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_layers_recompute_in_backward_with_the_eager_gradients(micro_model_cfg):
+    eager = build(micro_model_cfg)
+    batch = batch_of(eager, n=2)
+    both = build(micro_model_cfg, compile=["llm"], activation_checkpointing=["llm"])
+    counts = count_layer_runs(both, [both.llm])
+    loss, grads = step(eager, batch)
+    loss_both, grads_both = step(both, batch)
+    assert counts and all(count == 2 for count in counts)  # each layer ran again in backward
+    torch.testing.assert_close(loss_both, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_both[name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_compiling_a_module_without_layers_is_an_error(micro_model_cfg):
