@@ -11,6 +11,8 @@ eagerly: they would each compile graphs of their own for a few calls.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -23,14 +25,18 @@ def is_layer_stack(module: nn.Module) -> bool:
 
 
 def compile_for_training(layer: nn.Module) -> None:
-    """Routes ``layer``'s calls through its compiled forward while gradients are enabled."""
-    eager = layer.forward
-    compiled = torch.compile(eager, dynamic=True)
+    """Routes ``layer``'s calls through its class's compiled forward while gradients are enabled."""
+    # The class's forward is compiled, not the layer's bound one, and the routing is a method bound to the layer:
+    # a deep copy of the model rebinds it to the copy, whose own weights then run (a closure over this layer's
+    # bound forward would keep running the original's).
+    layer._compiled_forward = torch.compile(type(layer).forward, dynamic=True)
+    layer.forward = types.MethodType(_training_forward, layer)
 
-    def forward(*args, **kwargs):
-        return compiled(*args, **kwargs) if torch.is_grad_enabled() else eager(*args, **kwargs)
 
-    layer.forward = forward
+def _training_forward(self: nn.Module, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return self._compiled_forward(self, *args, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
 
 
 def compile_layers(model: nn.Module, patterns: list[str]) -> list[str]:
