@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import Blip2ForConditionalGeneration
 
 from blip2_pair import (SIZES, freeze_as_stage2, hf_blip2, hf_inputs, images, parameter_bytes, save_folders,
                         step_peak_bytes, xllm_batch, xllm_model)
@@ -84,18 +85,18 @@ def build_trainers(size_name: str, batch_size: int, root: Path) -> dict[str, dic
     print(f"fp32 loss on the batch: xllm {ours:.6f}, transformers {theirs:.6f} (|difference| {abs(ours - theirs):.2e})")
     if abs(ours - theirs) > 1e-4 * abs(theirs):
         raise SystemExit("the two models do not compute the same loss: the comparison would be meaningless")
-    hf_bf16 = hf_blip2(size)
-    hf_bf16.load_state_dict(hf.state_dict())
-    hf_bf16.vision_model.to(torch.bfloat16)
-    hf_bf16.language_model.to(torch.bfloat16)
-    freeze_as_stage2(hf_bf16).train()
+
+    def frozen_bf16_copy() -> Blip2ForConditionalGeneration:
+        copy = hf_blip2(size)
+        copy.load_state_dict(hf.state_dict())
+        copy.vision_model.to(torch.bfloat16)
+        copy.language_model.to(torch.bfloat16)
+        return freeze_as_stage2(copy).train()
+
+    hf_bf16 = frozen_bf16_copy()
     # Both sides' LLM layers through the same compile: what either model gains from inductor's fused kernels.
     xllm_compiled = xllm_model(size, blip2, llm, frozen_dtype="bfloat16", compile=("llm",)).train()
-    hf_compiled = hf_blip2(size)
-    hf_compiled.load_state_dict(hf_bf16.state_dict())
-    hf_compiled.vision_model.to(torch.bfloat16)
-    hf_compiled.language_model.to(torch.bfloat16)
-    freeze_as_stage2(hf_compiled).train()
+    hf_compiled = frozen_bf16_copy()
     compile_layers(hf_compiled, ["language_model"])
 
     def xllm_loss(model):

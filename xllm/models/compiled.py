@@ -16,7 +16,7 @@ import types
 import torch
 from torch import nn
 
-from xllm.models.trainable import matches
+from xllm.models.trainable import outermost_modules
 
 
 def is_layer_stack(module: nn.Module) -> bool:
@@ -44,14 +44,14 @@ def compile_layers(model: nn.Module, patterns: list[str]) -> list[str]:
     ``interfaces.*``); returns the stacks' names. A pattern with no stack of layers under it is an error."""
     found = []
     for pattern in patterns:
-        stacks = [name for name, module in model.named_modules() if matches(name, [pattern]) and is_layer_stack(module)]
+        # Only the outermost stacks: a layer compiled whole holds any list inside it.
+        stacks = outermost_modules(model, pattern, is_layer_stack)
         if not stacks:
             raise ValueError(f"model.compile: no stack of layers (an nn.ModuleList of one layer class) under "
                              f"{pattern!r}")
-        # Only the outermost stacks: a layer compiled whole holds any list inside it.
-        for name in stacks:
-            if name not in found and not any(name.startswith(other + ".") for other in stacks + found):
-                for layer in model.get_submodule(name):
+        for name, stack in stacks:  # a stack that an earlier pattern compiled is not wrapped twice
+            if not any(name == done or name.startswith(done + ".") for done in found):
+                for layer in stack:
                     compile_for_training(layer)
                 found.append(name)
     return found

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.attention import _cur_sdpa_kernel_backends, sdpa_kernel
 
-from xllm.models.trainable import matches
+from xllm.models.trainable import outermost_modules
 
 
 def supports_checkpointing(module: nn.Module) -> bool:
@@ -42,10 +42,8 @@ def enable_activation_checkpointing(model: nn.Module, patterns: list[str]) -> li
     """
     found = []
     for pattern in patterns:
-        inside = [(name, module) for name, module in model.named_modules()
-                  if name and matches(name, [pattern]) and supports_checkpointing(module)]
         # The outermost models only: enabling one reaches the layers of every model inside it.
-        outermost = [(n, m) for n, m in inside if not any(n.startswith(o + ".") for o, _ in inside)]
+        outermost = outermost_modules(model, pattern, supports_checkpointing)
         if not outermost:
             raise ValueError(f"model.activation_checkpointing: no module under {pattern!r} can recompute its "
                              "layers (transformers models and the native ChatGLM can)")

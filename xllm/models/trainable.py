@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 
 from torch import nn
 
@@ -10,6 +11,13 @@ from torch import nn
 def matches(name: str, patterns: list[str]) -> bool:
     """A parameter named ``a.b.c`` matches ``a.b`` (its module), ``a.b.c`` or a glob such as ``adapters.*``."""
     return any(name == p or name.startswith(p + ".") or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def outermost_modules(model: nn.Module, pattern: str, keep: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """The named submodules under ``pattern`` for which ``keep`` holds, less those inside another of them."""
+    inside = [(name, module) for name, module in model.named_modules()
+              if name and matches(name, [pattern]) and keep(module)]
+    return [(name, module) for name, module in inside if not any(name.startswith(o + ".") for o, _ in inside)]
 
 
 def apply_trainable(model: nn.Module, patterns: list[str]) -> list[str]:
